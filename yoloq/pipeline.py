@@ -1,0 +1,104 @@
+"""Pass infrastructure: the result every pass returns, the runner, and the one place that orders passes.
+
+A pass is a callable ``GraphModule -> PassResult``. It may carry two optional predicates,
+``requires(gm) -> str | None`` and ``ensures(gm) -> str | None``: ``None`` means the condition
+holds, a string is the reason it does not. The runner checks them around every pass, lints and
+recompiles the graph after it, times it, and turns any failure into a ``PassError`` that names
+the pass and the passes that ran before it, so a broken pipeline points at its culprit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class PassResult:
+    """What a pass hands back: the (possibly new) graph, whether it changed, counters and notes."""
+
+    gm: fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class Pass(Protocol):
+    name: str
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult: ...
+
+
+class PassError(RuntimeError):
+    """A pass failed, or broke a predicate; the message names it and the passes before it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+Callback = Callable[[str, PassResult, float], None]
+
+
+def pass_name(p: Any) -> str:
+    return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
+
+
+def _check(p: Any, hook: str, gm: fx.GraphModule) -> str | None:
+    predicate = getattr(p, hook, None)
+    return None if predicate is None else predicate(gm)
+
+
+def run_pipeline(
+    gm: fx.GraphModule, passes: Sequence[Any], callback: Callback | None = None, verify: bool = True
+) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run ``passes`` in order. ``callback(name, result, seconds)`` sees every pass (dumps, timing)."""
+    records: list[PassRecord] = []
+    for p in passes:
+        name = pass_name(p)
+        where = f"{name} failed after [{', '.join(r.name for r in records)}]"
+        try:
+            if reason := _check(p, "requires", gm):
+                raise PassError(f"{where}: requirement not met: {reason}")
+            start = time.perf_counter()
+            result = p(gm)
+            seconds = time.perf_counter() - start
+            if not isinstance(result, PassResult):
+                raise PassError(f"{where}: returned {type(result).__name__}, not PassResult")
+            if verify:
+                result.gm.graph.lint()
+            result.gm.recompile()
+            if reason := _check(p, "ensures", result.gm):
+                raise PassError(f"{where}: guarantee broken: {reason}")
+        except PassError:
+            raise
+        except Exception as exc:
+            raise PassError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        gm = result.gm
+        records.append(PassRecord(name, seconds, result.modified, dict(result.stats), tuple(result.notes)))
+        if callback is not None:
+            callback(name, result, seconds)
+    return gm, records
+
+
+def build_pipeline(stage: str = "fused") -> tuple[Any, ...]:
+    """The one place that knows pass order. ``stage`` names how far the structural rewrite goes."""
+    from yoloq.passes.fold_conv_bn import fold_conv_bn
+    from yoloq.passes.fuse_conv_act import fuse_conv_act
+
+    stages: dict[str, tuple[Any, ...]] = {
+        "captured": (),
+        "folded": (fold_conv_bn,),
+        "fused": (fold_conv_bn, fuse_conv_act),
+    }
+    if stage not in stages:
+        raise ValueError(f"unknown pipeline stage {stage!r}; valid stages: {sorted(stages)}")
+    return stages[stage]
