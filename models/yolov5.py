@@ -64,10 +64,12 @@ class Detect(nn.Module):
     ``anchors`` is stored in grid units (pixels / stride), as in official checkpoints.
     """
 
-    def __init__(self, nc: int, anchors: Sequence[Sequence[float]], channels: Sequence[int], strides=STRIDES):
+    def __init__(
+        self, nc: int, anchors: Sequence[Sequence[float]], channels: Sequence[int], strides=STRIDES, extra: int = 0
+    ):
         super().__init__()
         self.nc = nc
-        self.no = nc + 5
+        self.no = nc + 5 + extra  # box (4), objectness, classes, then any per-anchor extras
         self.nl = len(anchors)
         self.na = len(anchors[0]) // 2
         pixel_anchors = torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2)
@@ -90,7 +92,7 @@ class Detect(nn.Module):
 
     def decode(self, p: torch.Tensor, level: int) -> torch.Tensor:
         xy, wh, scores = p.sigmoid().split((2, 2, self.no - 4), 4)
-        return torch.cat(self._boxes(xy, wh, level), 4).type_as(p).__class__.cat((*self._boxes(xy, wh, level), scores), 4) if False else torch.cat((*self._boxes(xy, wh, level), scores), 4)
+        return torch.cat((*self._boxes(xy, wh, level), scores), 4)
 
     def _boxes(self, xy_sig: torch.Tensor, wh_sig: torch.Tensor, level: int):
         """Centre offsets live in (-0.5, 1.5) cells and sizes in (0, 4) anchors: the bounded
@@ -110,18 +112,16 @@ class Detect(nn.Module):
         for conv, s in zip(self.m, self.stride.tolist()):
             b = conv.bias.detach().view(self.na, -1)
             b[:, 4] += math.log(8 / (image_size / s) ** 2)
-            b[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99)) if self.nc > 1 else 0.0
+            b[:, 5 : 5 + self.nc] += math.log(0.6 / (self.nc - 0.99))
 
 
 class Segment(Detect):
     """Detect with nm mask coefficients per anchor, plus Proto on the P3 features."""
 
     def __init__(self, nc: int, anchors, channels: Sequence[int], nm: int = 32, npr: int = 256, strides=STRIDES):
-        super().__init__(nc, anchors, channels, strides)
+        super().__init__(nc, anchors, channels, strides, extra=nm)
         self.nm = nm
         self.npr = npr
-        self.no = 5 + nc + nm
-        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in channels)
         self.proto = Proto(channels[0], npr, nm)
 
     def forward(self, xs: list[torch.Tensor]):
@@ -134,3 +134,91 @@ class Segment(Detect):
         xy, wh, scores, masks = p.split((2, 2, self.nc + 1, self.nm), 4)
         xy, wh = self._boxes(xy.sigmoid(), wh.sigmoid(), level)
         return torch.cat((xy, wh, scores.sigmoid(), masks), 4)
+
+
+class YOLOv5(nn.Module):
+    """The whole detector: ``model`` is the official 25-layer list, routed by ``sources``."""
+
+    def __init__(
+        self,
+        depth_multiple: float,
+        width_multiple: float,
+        nc: int = 80,
+        anchors: Sequence[Sequence[float]] = DEFAULT_ANCHORS,
+        segment: bool = False,
+        in_channels: int = 3,
+        names: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.depth_multiple, self.width_multiple = depth_multiple, width_multiple
+        layers, channels = build_layers(depth_multiple, width_multiple, in_channels)
+        head_in = [channels[i + 1] for i in HEAD_SOURCES]  # channels[0] is the image
+        if segment:
+            npr = round_channels(256 * width_multiple)
+            head = Segment(nc, anchors, head_in, nm=32, npr=npr)
+        else:
+            head = Detect(nc, anchors, head_in)
+        head.init_biases()
+        self.model = nn.Sequential(*layers, head)
+        self.sources = tuple(src for src, *_ in LAYOUT) + (HEAD_SOURCES,)
+        self.saved = frozenset(j for src in self.sources if not isinstance(src, int) for j in src if j >= 0)
+        self.nc = nc
+        self.names = list(names) if names is not None else [f"class{i}" for i in range(nc)]
+
+    @property
+    def stride(self) -> torch.Tensor:
+        return self.model[-1].stride
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        """Anchors in pixels, ``nl x na x 2`` (the head stores them in grid units)."""
+        head = self.model[-1]
+        return head.anchors * head.stride.view(-1, 1, 1)
+
+    def forward(self, x: torch.Tensor):
+        kept: dict[int, torch.Tensor] = {}
+        for i, (layer, src) in enumerate(zip(self.model, self.sources)):
+            if not isinstance(src, int):
+                x = [x if j == -1 else kept[j] for j in src]
+            elif src != -1:
+                x = kept[src]
+            x = layer(x)
+            if i in self.saved:
+                kept[i] = x
+        return x
+
+
+def build_layers(depth_multiple: float, width_multiple: float, in_channels: int = 3):
+    """The 24 layers before the head, and the output channels of each (index 0 = the input)."""
+    channels = [in_channels]
+    layers: list[nn.Module] = []
+    for src, repeats, block, args in LAYOUT:
+        c_in = channels[-1] if src == -1 else None
+        if block == "Conv":
+            c_out = round_channels(args[0] * width_multiple)
+            layer = Conv(c_in, c_out, *args[1:])
+        elif block.startswith("C3"):
+            c_out = round_channels(args[0] * width_multiple)
+            n = scaled_depth(repeats, depth_multiple)
+            layer = C3(c_in, c_out, n, shortcut=block != "C3/noskip")
+        elif block == "SPPF":
+            c_out = round_channels(args[0] * width_multiple)
+            layer = SPPF(c_in, c_out, args[1])
+        elif block == "Upsample":
+            c_out, layer = c_in, nn.Upsample(None, 2, "nearest")
+        elif block == "Concat":
+            c_out = sum(channels[-1] if j == -1 else channels[j + 1] for j in src)
+            layer = Concat(1)
+        else:
+            raise ValueError(f"unknown block {block!r} in the YOLOv5 layout")
+        layers.append(layer)
+        channels.append(c_out)
+    return layers, channels
+
+
+def yolov5(scale: str, nc: int = 80, segment: bool = False, **kwargs) -> YOLOv5:
+    """``yolov5("s")`` is YOLOv5s; ``segment=True`` gives YOLOv5s-seg."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown YOLOv5 scale {scale!r}; valid: {sorted(SCALES)}")
+    depth, width = SCALES[scale]
+    return YOLOv5(depth, width, nc=nc, segment=segment, **kwargs)

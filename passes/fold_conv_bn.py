@@ -76,6 +76,8 @@ def fold_conv_bn(gm: fx.GraphModule) -> PassResult:
         drop_unused_module(gm, bn_node.target)
         mark(conv_node, NAME)
         folded += 1
+    if folded:
+        gm.recompile()  # usable when called directly, outside the runner
     return PassResult(gm, folded > 0, {"folded": folded, "kept": len(notes)}, notes)
 
 

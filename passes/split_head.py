@@ -6,7 +6,8 @@
 
 The boundary is found as a graph property, with no knowledge of any YOLO version: a node is a
 *layer* when it consumes a trainable parameter (a conv, a linear, an implicit-knowledge multiply);
-the boundary is every layer from which no other layer can be reached. Fixed decode-only layers
+the boundary is every layer from which no other layer can be reached, taken after its own
+activation when one follows (a pointwise module that is its only user, e.g. Proto's last SiLU). Fixed decode-only layers
 (DFL's arange convolution, ``requires_grad=False``) are therefore not layers, and land in the
 decoder. The network graph also keeps the guards on its own values and the in-place updates of
 its own tensors. Values the decoder needs besides the head tensors (feature maps it passes
@@ -113,11 +114,23 @@ def find_boundary(gm: fx.GraphModule, root: nn.Module, boundary: Iterable[str] |
     reaches_layer: dict[fx.Node, bool] = {}
     for n in reversed(nodes):
         reaches_layer[n] = any(u in layer or reaches_layer.get(u, False) for u in n.users)
-    found = [n for n in nodes if n in layer and n in live and not reaches_layer[n]]
+    found = [_through_activation(n, root) for n in nodes if n in layer and n in live and not reaches_layer[n]]
     if not found:  # no layers at all: the whole graph is the network, the decoder only restructures
         (out,) = [n for n in nodes if n.op == "output"]
         found = sorted(set(out.all_input_nodes), key=nodes.index)
     return found
+
+
+def _through_activation(node: fx.Node, root: nn.Module) -> fx.Node:
+    """A last layer's own activation (its single pointwise user module) belongs to the network."""
+    from yoloq.passes.fuse_conv_act import is_pointwise
+
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_module" or not is_pointwise(root.get_submodule(user.target)):
+            break
+        node = user
+    return node
 
 
 def split_at_boundary(gm: fx.GraphModule, root: nn.Module, head: list[fx.Node]) -> Split:

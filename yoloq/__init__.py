@@ -15,4 +15,6 @@ __all__ = [
     "fold_conv_bn", "fuse_conv_act", "FusedConv2d",
     "PassError", "PassRecord", "PassResult", "build_pipeline", "run_pipeline",
 ]
+from yoloq import models  # noqa: E402  (yoloq.models.build, .load, tiny models)
+
 __version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""Named model builders: ``build("yolov5s", nc=80)``.
+
+A plain table from name to builder, so that adding an architecture is adding rows; builders take
+the number of classes and return a freshly initialised model in training mode.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import nn
+
+from yoloq.models.yolov5 import yolov5
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "yolov5n": partial(yolov5, "n"),
+    "yolov5s": partial(yolov5, "s"),
+    "yolov5m": partial(yolov5, "m"),
+    "yolov5l": partial(yolov5, "l"),
+    "yolov5x": partial(yolov5, "x"),
+    "yolov5n-seg": partial(yolov5, "n", segment=True),
+    "yolov5s-seg": partial(yolov5, "s", segment=True),
+    "yolov5m-seg": partial(yolov5, "m", segment=True),
+    "yolov5l-seg": partial(yolov5, "l", segment=True),
+    "yolov5x-seg": partial(yolov5, "x", segment=True),
+}
+
+
+def build(name: str, nc: int = 80) -> nn.Module:
+    """A new model by zoo name, e.g. ``build("yolov5n-seg", nc=20)``."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(BUILDERS)}")
+    return BUILDERS[name](nc=nc)

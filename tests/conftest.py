@@ -1,0 +1,50 @@
+"""Shared test helpers: where the real data lives, and output comparison for nested results."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (CI has it)")
+    return SHARED_DATA
+
+
+def assert_outputs_close(actual, expected, atol: float = 1e-4) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-4)
+
+
+def max_abs_diff(actual, expected) -> float:
+    leaves_a = torch.utils._pytree.tree_leaves(actual)
+    leaves_e = torch.utils._pytree.tree_leaves(expected)
+    diffs = [(a - e).abs().max().item() for a, e in zip(leaves_a, leaves_e) if isinstance(a, torch.Tensor) and a.numel()]
+    return max(diffs, default=0.0)
+
+
+def executed_convs(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Qualified names of the Conv2d modules that run in an eval forward pass."""
+    names = {id(m): n for n, m in reversed(list(model.named_modules()))}
+    seen: set[str] = set()
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: seen.add(names[id(mod)]))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def graph_module_targets(gm, cls=nn.Conv2d) -> set[str]:
+    return {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)}

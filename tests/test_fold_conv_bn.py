@@ -1,0 +1,83 @@
+import pytest
+import torch
+from torch import nn
+
+import yoloq
+from yoloq.models.tiny import TINY_MODELS
+from conftest import assert_outputs_close
+
+X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _structure(gm):
+    return [
+        (n.op, type(gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target))
+        for n in gm.graph.nodes
+    ]
+
+
+def _run(name):
+    model = TINY_MODELS[name]()
+    captured = yoloq.capture(model, X)
+    result = yoloq.fold_conv_bn(captured.graph_module)
+    result.gm.recompile()
+    return model, captured, result
+
+
+def test_golden_structure():
+    _, captured, result = _run("conv-bn-act")
+    assert _structure(result.gm) == [
+        ("placeholder", "input"),
+        ("call_module", "Conv2d"), ("call_module", "SiLU"),
+        ("call_module", "Conv2d"), ("call_module", "LeakyReLU"),
+        ("call_module", "Conv2d"),
+        ("output", "output"),
+    ]
+    assert result.modified and result.stats == {"folded": 2, "kept": 0}
+    conv = result.gm.get_submodule("0.conv")
+    assert conv.bias is not None and not hasattr(result.gm.get_submodule("0"), "bn")
+    assert {n.meta["yoloq.origin"] for n in result.gm.graph.nodes if n.op == "call_module" and "conv" in n.target} == {
+        "fold_conv_bn"
+    }
+
+
+@pytest.mark.parametrize("name", ["conv-bn-act", "tiny-yolo"])
+def test_numerics_unchanged(name):
+    model, captured, result = _run(name)
+    captured.graph_module = result.gm
+    assert_outputs_close(captured(X), model(X), atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.gm.modules())
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("conv-two-bns", "conv conv has 2 users"),
+        ("bn-after-pool", "input is not a Conv2d"),
+        ("bn-without-running-stats", "BN does not track running statistics"),
+    ],
+)
+def test_must_not_fire(name, reason):
+    model, captured, result = _run(name)
+    assert not result.modified and result.stats["folded"] == 0
+    assert any(reason in note for note in result.notes), result.notes
+    assert any(isinstance(m, nn.BatchNorm2d) for m in result.gm.modules())
+    captured.graph_module = result.gm
+    assert_outputs_close(captured(X), model(X), atol=0)
+
+
+def test_training_mode_bn_is_kept():
+    model = TINY_MODELS["conv-bn-act"]()
+    gm = yoloq.capture(model, X).graph_module
+    gm.get_submodule("0.bn").train()
+    result = yoloq.fold_conv_bn(gm)
+    assert any("training mode" in note for note in result.notes)
+
+
+def test_idempotent():
+    _, _, first = _run("tiny-yolo")
+    before = _structure(first.gm)
+    second = yoloq.fold_conv_bn(first.gm)
+    assert not second.modified and second.stats == {"folded": 0, "kept": 0}
+    assert _structure(second.gm) == before
+    assert yoloq.fold_conv_bn.ensures(second.gm) is None

@@ -1,0 +1,63 @@
+"""The ``yoloq`` command line: one verb per stage of the pipeline that exists so far."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from yoloq.graph_table import format_graph
+    from yoloq.passes.capture import capture
+    from yoloq.pipeline import build_pipeline, run_pipeline
+    from yoloq.sources import load_model
+
+    model = load_model(args.model)
+    captured = capture(model, torch.rand(1, 3, args.imgsz, args.imgsz))
+    gm, records = run_pipeline(captured.graph_module, build_pipeline(args.stage))
+    print(format_graph(gm))
+    print(f"\n{len(gm.graph.nodes)} nodes; head outputs: {', '.join(captured.head_outputs)}")
+    if captured.aux_outputs:
+        print(f"aux outputs for the decoder: {', '.join(captured.aux_outputs)}")
+    for r in records:
+        print(f"{r.name}: {r.stats} in {r.seconds * 1000:.1f} ms")
+    if args.guards:
+        for g in captured.guards:
+            print("guard:", g.describe())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from yoloq.demo import main
+
+    return main(args.model or None, args.imgsz)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yoloq", description="Quantize YOLO detectors with a torch.fx pass pipeline.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    graph = verbs.add_parser("graph", help="print the captured graph: node, op, target, output shape, creating pass")
+    graph.add_argument("model", help="a tiny model (tiny-yolo), a zoo name, an ultralytics YAML, or a checkpoint")
+    graph.add_argument("--stage", default="fused", help="captured, folded or fused (default: fused)")
+    graph.add_argument("--imgsz", type=int, default=640)
+    graph.add_argument("--guards", action="store_true", help="also list the decisions taken from example values")
+    graph.set_defaults(run=_graph)
+    demo = verbs.add_parser("demo", help="run the pipeline on the embedded default models and check it")
+    demo.add_argument("--model", action="append", help="model to use instead of the defaults (repeatable)")
+    demo.add_argument("--imgsz", type=int, default=640)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"yoloq {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
