@@ -54,6 +54,9 @@ class Pyramid(nn.Module):
 class TinyDetect(nn.Module):
     """Anchor-free head with a DFL decode, anchors rebuilt in forward when the input size changes."""
 
+    shape = None  # caches filled by forward, declared as unset class defaults as YOLO heads do
+    anchors = torch.empty(0)
+
     def __init__(self, nc: int, ch: tuple[int, ...], reg_max: int = 4):
         super().__init__()
         self.nc, self.reg_max, self.nl = nc, reg_max, len(ch)
@@ -62,8 +65,6 @@ class TinyDetect(nn.Module):
         self.dfl = nn.Conv2d(reg_max, 1, 1, bias=False).requires_grad_(False)
         self.dfl.weight.data[:] = torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1)
         self.stride = torch.tensor([8.0, 16.0][: self.nl])
-        self.shape = None
-        self.anchors = torch.empty(0)
 
     def forward(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         raw = [torch.cat((self.box[i](x), self.cls[i](x)), 1) for i, x in enumerate(xs)]

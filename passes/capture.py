@@ -72,6 +72,29 @@ def _describe(inputs: tuple[torch.Tensor, ...]) -> str:
     return ", ".join(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}" for t in inputs)
 
 
+def reset_forward_caches(root: nn.Module) -> list[str]:
+    """Return caches that forward fills (``self.shape``, ``self.anchors``) to their unset defaults.
+
+    YOLO heads declare such caches as class attributes that mean "not computed yet" (None or an
+    empty tensor) and shadow them with per-instance values on the first call. Traced with a warm
+    cache, ``if self.shape != shape`` would compare against whatever size the model last saw; from
+    the unset state the graph always rebuilds what it needs, which is right for every size. Only a
+    tensor or shape shadowing a None/empty class default is reset; user settings are left alone.
+    """
+    reset = []
+    for name, module in root.named_modules():
+        for attr, value in list(vars(module).items()):
+            default = getattr(type(module), attr, _NO_DEFAULT)
+            unset = default is None or (isinstance(default, torch.Tensor) and default.numel() == 0)
+            if unset and isinstance(value, (torch.Size, torch.Tensor)) and value is not default:
+                delattr(module, attr)
+                reset.append(f"{name}.{attr}" if name else attr)
+    return reset
+
+
+_NO_DEFAULT = object()
+
+
 def trace(
     model: nn.Module, example_inputs: Any, leaf_types: tuple[type, ...] = ()
 ) -> tuple[fx.GraphModule, nn.Module, list[Guard]]:
@@ -80,6 +103,7 @@ def trace(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = _as_inputs(example_inputs)
     root = copy.deepcopy(model).eval()
+    reset_forward_caches(root)
     tracer = ConcreteTracer(inputs, _input_names(root, len(inputs)), leaf_types)
     try:
         with torch.no_grad():

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from yoloq.passes.graph_utils import call_counts, drop_unused_module, mark, module_of, set_module
+from yoloq.passes.graph_utils import call_counts, drop_unused_module, mark, module_of, set_module, value_users
 from yoloq.pipeline import PassResult
 
 NAME = "fold_conv_bn"
@@ -33,8 +33,8 @@ def why_not_foldable(gm: fx.GraphModule, bn_node: fx.Node, counts) -> str | None
     if not isinstance(producer, fx.Node) or not isinstance(module_of(gm, producer), nn.Conv2d):
         return "input is not a Conv2d"
     conv = module_of(gm, producer)
-    if len(producer.users) != 1:
-        return f"conv {producer.target} has {len(producer.users)} users"
+    if len(value_users(producer)) != 1:
+        return f"conv {producer.target} has {len(value_users(producer))} users"
     if counts[producer.target] > 1 or counts[bn_node.target] > 1:
         return "conv or BN module is called from more than one node"
     if bn.training:

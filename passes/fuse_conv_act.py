@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from yoloq.passes.graph_utils import call_counts, drop_unused_module, mark, module_of, set_module
+from yoloq.passes.graph_utils import call_counts, drop_unused_module, mark, module_of, set_module, value_users
 from yoloq.pipeline import PassResult
 
 NAME = "fuse_conv_act"
@@ -68,7 +68,8 @@ def is_pointwise(module: nn.Module) -> bool:
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
+    users = value_users(node)
+    return users[0] if len(users) == 1 else None
 
 
 def find_unit(gm: fx.GraphModule, conv_node: fx.Node, counts, probe) -> tuple[list[fx.Node], str | None]:

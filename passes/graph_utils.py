@@ -28,5 +28,21 @@ def drop_unused_module(gm: fx.GraphModule, qualname: str) -> None:
         gm.delete_submodule(qualname)
 
 
+_METADATA_ATTRS = ("shape", "dtype", "device", "ndim")
+_METADATA_METHODS = ("size", "dim")
+
+
+def reads_metadata_only(node: fx.Node) -> bool:
+    """A node that looks at its input's shape/dtype/device but never at its values."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _METADATA_ATTRS
+    return node.op == "call_method" and node.target in _METADATA_METHODS
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that depend on the values of ``node`` (a rewrite that keeps its shape may ignore the rest)."""
+    return [u for u in node.users if not reads_metadata_only(u)]
+
+
 def mark(node: fx.Node, pass_name: str) -> None:
     node.meta[ORIGIN] = pass_name

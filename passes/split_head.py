@@ -66,26 +66,23 @@ def _resolve(root: nn.Module, target: str):
     return obj
 
 
-def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+def _closure(nodes: Iterable[fx.Node], step) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(step(n))
     return seen
+
+
+def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    return _closure(nodes, lambda n: n.all_input_nodes)
 
 
 def _descendants(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
+    return _closure(nodes, lambda n: n.users)
 
 
 def _is_mutation(node: fx.Node) -> bool:

@@ -28,8 +28,8 @@ def max_abs_diff(actual, expected) -> float:
     return max(diffs, default=0.0)
 
 
-def executed_convs(model: nn.Module, x: torch.Tensor) -> set[str]:
-    """Qualified names of the Conv2d modules that run in an eval forward pass."""
+def executed_convs(model: nn.Module, x: torch.Tensor) -> tuple[set[str], object]:
+    """Qualified names of the Conv2d modules that run in an eval forward pass, and its output."""
     names = {id(m): n for n, m in reversed(list(model.named_modules()))}
     seen: set[str] = set()
     hooks = [
@@ -39,11 +39,11 @@ def executed_convs(model: nn.Module, x: torch.Tensor) -> set[str]:
     ]
     try:
         with torch.no_grad():
-            model(x)
+            out = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return seen, out
 
 
 def graph_module_targets(gm, cls=nn.Conv2d) -> set[str]:

@@ -34,7 +34,7 @@ def test_graph_is_module_level_with_qualified_names():
     assert targets["stem.0.act"] is nn.SiLU and targets["fuse.act"] is nn.LeakyReLU
     assert targets["up"] is nn.Upsample and targets["sppf.pool"] is nn.MaxPool2d
     # every conv that runs is a node, except DFL's fixed decode conv, which lives in the decoder
-    convs = executed_convs(model, X64)
+    convs, _ = executed_convs(model, X64)
     assert graph_module_targets(gm) == convs - {"head.dfl"}
     assert "head.dfl" in graph_module_targets(yoloq.capture(model, X64).decoder.graph_module)
 
@@ -51,6 +51,15 @@ def test_shape_dependent_code_generalises_to_another_size_and_batch():
     captured = yoloq.capture(model, X64)
     assert_outputs_close(captured(X96), model(X96), atol=1e-5)
     assert captured.guards, "the head's shape check must be recorded as a guard"
+
+
+def test_capture_after_the_model_ran_at_another_size():
+    model = tiny_yolo()
+    model(X96)  # fills the head's shape/anchor caches for 96x128
+    captured = yoloq.capture(model, X64)
+    assert model.head.shape == (2, 20, 12, 16)  # the caller's cache is untouched
+    assert_outputs_close(captured(X96), model(X96), atol=1e-5)
+    assert_outputs_close(captured(X64), model(X64), atol=1e-5)
 
 
 def test_violated_guard_names_the_decision_and_source_line():
@@ -76,11 +85,10 @@ def test_callers_model_is_never_modified():
     before_state = copy.deepcopy(model.state_dict())
     model.eval()
     before_out = model(X64)
-    model.head.shape, model.head.anchors = None, torch.empty(0)
     model.train()
     yoloq.capture(model, X64)
     assert model.training is True
-    assert model.head.shape is None and model.head.anchors.numel() == 0
+    assert model.head.shape == (1, 20, 8, 8) and model.head.anchors.shape == (2, 80)
     after_state = model.state_dict()
     assert before_state.keys() == after_state.keys()
     assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)

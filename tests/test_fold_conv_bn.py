@@ -81,3 +81,24 @@ def test_idempotent():
     assert not second.modified and second.stats == {"folded": 0, "kept": 0}
     assert _structure(second.gm) == before
     assert yoloq.fold_conv_bn.ensures(second.gm) is None
+
+
+class ShapeReadBeforeBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape  # reads the conv's shape only: folding stays exact
+        return self.bn(y).view(b, c, h * w)
+
+
+def test_shape_reads_do_not_block_folding():
+    model = ShapeReadBeforeBn().eval()
+    model.bn.running_var.fill_(2.0)
+    captured = yoloq.capture(model, X)
+    result = yoloq.fold_conv_bn(captured.graph_module)
+    assert result.stats["folded"] == 1
+    captured.graph_module = result.gm
+    assert_outputs_close(captured(X), model(X), atol=1e-5)
