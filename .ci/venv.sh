@@ -11,13 +11,15 @@ cache="${YOLOQ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/yoloq}"
 key="$(cat "$root/pyproject.toml" "$root/.ci/venv.sh" | sha256sum | cut -c1-16)"
 venv="$cache/venv-$key"
 py="${PYTHON:-python3}"
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9  # one builder at a time; the others wait and then reuse what it built
 
 if [ ! -f "$venv/.complete" ]; then
     echo "[venv] building $venv (first run only; torch comes from this machine's disk)" >&2
     rm -rf "$venv"
-    mkdir -p "$cache"
     "$py" -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip setuptools wheel >&2
+    "$venv/bin/pip" install -q --upgrade pip "setuptools>=77" wheel >&2
     # ultralytics needs torchvision, and PyPI's torchvision imports only beside these torch builds.
     case "$(uname -m)" in
         x86_64) "$venv/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1" >&2 ;;

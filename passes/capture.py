@@ -75,24 +75,31 @@ def _describe(inputs: tuple[torch.Tensor, ...]) -> str:
 def reset_forward_caches(root: nn.Module) -> list[str]:
     """Return caches that forward fills (``self.shape``, ``self.anchors``) to their unset defaults.
 
-    YOLO heads declare such caches as class attributes that mean "not computed yet" (None or an
-    empty tensor) and shadow them with per-instance values on the first call. Traced with a warm
-    cache, ``if self.shape != shape`` would compare against whatever size the model last saw; from
-    the unset state the graph always rebuilds what it needs, which is right for every size. Only a
-    tensor or shape shadowing a None/empty class default is reset; user settings are left alone.
+    YOLO heads declare such caches as class attributes that mean "not computed yet" (None, an
+    empty tensor or an empty list: ``Detect.shape``, ``RTDETRDecoder.shapes``) and shadow them with
+    per-instance values on the first call. Traced with a warm cache, ``if self.shape != shape``
+    would compare against whatever size the model last saw; from the unset state the graph always
+    rebuilds what it needs, which is right for every size. Only a tensor, shape or list shadowing
+    such an unset class default is reset; user settings are left alone.
     """
     reset = []
     for name, module in root.named_modules():
         for attr, value in list(vars(module).items()):
             default = getattr(type(module), attr, _NO_DEFAULT)
-            unset = default is None or (isinstance(default, torch.Tensor) and default.numel() == 0)
-            if unset and isinstance(value, (torch.Size, torch.Tensor)) and value is not default:
+            if _is_unset(default) and isinstance(value, _CACHE_TYPES) and value is not default:
                 delattr(module, attr)
                 reset.append(f"{name}.{attr}" if name else attr)
     return reset
 
 
 _NO_DEFAULT = object()
+_CACHE_TYPES = (torch.Size, torch.Tensor, list, tuple)
+
+
+def _is_unset(default: Any) -> bool:
+    if isinstance(default, torch.Tensor):
+        return default.numel() == 0
+    return default is None or (isinstance(default, (list, tuple)) and not isinstance(default, torch.Size) and not default)
 
 
 def trace(
