@@ -9,12 +9,17 @@ resolve to inert ``PickledObject`` records that only keep the state the pickle g
 every other global is refused *before* it is resolved, so it is never called. From the records we
 take the module tree and its tensors, build yoloq's own YOLOv5 of the matching scale, and load the
 state dict into it.
+
+Checkpoints of the ultralytics package (``ultralytics.nn.tasks.DetectionModel`` holding
+``ultralytics.nn.modules.*``) take the same path; their YOLOv8 / YOLO11 layout and scale are
+matched from the YAML dict the model record carries (``MATCHERS`` picks the matcher by package).
 """
 from __future__ import annotations
 
 import builtins
 import codecs
 import collections
+import functools
 import os
 import pickle
 import types
@@ -25,6 +30,10 @@ import torch
 from torch import nn
 
 from yoloq.models.yolov5 import SCALES, STRIDES, YOLOv5
+from yoloq.models.yolov7 import VARIANTS as YOLOV7_VARIANTS
+from yoloq.models.yolov7 import YOLOv7
+from yoloq.models.yolov7 import layer_names as yolov7_layer_names
+from yoloq.models.yolov8 import YOLOv8, match_yaml
 
 try:  # numpy >= 2 moved the C core to numpy._core
     import numpy._core.multiarray as _np_multiarray
@@ -33,14 +42,14 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 
 class CheckpointError(ValueError):
-    """The file is not a readable YOLOv5 checkpoint."""
+    """The file is not a checkpoint yoloq can read."""
 
 
 class UnknownArchitectureError(CheckpointError):
     """The checkpoint holds a model yoloq cannot rebuild."""
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """The pickle references a global outside the allow-list."""
 
 
@@ -50,6 +59,14 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     if encoding not in ("latin1", "latin-1"):
         raise UnsafeCheckpointError(f"checkpoint asks for the {encoding!r} codec; only latin1 is allowed")
     return codecs.encode(text, "latin1")
+
+
+def _ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> numpy.ndarray:
+    """numpy's array constructor, for plain ndarrays only: a subclass named by the file would run
+    its own ``__array_finalize__``."""
+    if subtype is not numpy.ndarray:
+        raise UnsafeCheckpointError(f"checkpoint asks numpy to build a {subtype!r}; only numpy.ndarray is allowed")
+    return _np_multiarray._reconstruct(subtype, shape, dtype)
 
 
 # Callables the pickle may really invoke: they rebuild tensors and containers from plain data.
@@ -62,6 +79,10 @@ SAFE_CALLABLES: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "scalar"): _np_multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _np_multiarray.scalar,
     ("numpy", "dtype"): numpy.dtype,
+    # YOLOv7's strip_optimizer keeps best_fitness, a 1-element ndarray.
+    ("numpy.core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _ndarray_reconstruct,
+    ("numpy", "ndarray"): numpy.ndarray,
     ("_codecs", "encode"): _latin1_encode,
     # Protocol-2 pickles spell builtins "__builtin__"; both spellings name the same containers.
     **{(mod, name): getattr(builtins, name)
@@ -77,9 +98,22 @@ RECORDED_CLASSES = {
     "models.yolo": {"Model", "DetectionModel", "SegmentationModel", "Detect", "Segment"},
     "models.common": {"Conv", "C3", "Bottleneck", "SPPF", "Concat", "Proto", "Focus", "SPP", "BottleneckCSP"},
 }
+# WongKinYiu/yolov7 uses the same module paths (models.yolo.Model, models.common.Conv ...).
+RECORDED_CLASSES["models.yolo"] |= {"IDetect"}
+RECORDED_CLASSES["models.common"] |= {"MP", "SP", "SPPCSPC", "RepConv", "ImplicitA", "ImplicitM"}
+# The ultralytics package (YOLOv8, YOLO11 and their -seg). Pose/OBB models and heads are recorded
+# so that their checkpoints fail with an architecture error rather than a safety error.
+RECORDED_CLASSES |= {
+    "ultralytics.nn.tasks": {"DetectionModel", "SegmentationModel", "PoseModel", "OBBModel"},
+    "ultralytics.nn.modules.conv": {"Conv", "DWConv", "Concat"},
+    "ultralytics.nn.modules.block": {
+        "C2f", "C3k2", "C3k", "C3", "Bottleneck", "SPPF", "C2PSA", "PSABlock", "Attention", "DFL", "Proto",
+    },
+    "ultralytics.nn.modules.head": {"Detect", "Segment", "Pose", "OBB"},
+}
 TORCH_LAYERS = {
     "Conv2d", "BatchNorm2d", "SiLU", "ReLU", "LeakyReLU", "Hardswish", "Identity",
-    "Upsample", "MaxPool2d", "ModuleList", "Sequential",
+    "Upsample", "MaxPool2d", "ModuleList", "Sequential", "ConvTranspose2d",
 }
 
 
@@ -183,8 +217,9 @@ def _model_record(ckpt: Any, path: str) -> PickledObject:
         if record is None:
             raise CheckpointError(f"{path}: no 'model' or 'ema' entry (keys: {sorted(map(str, ckpt))})")
     model_classes = {f"models.yolo.{n}" for n in ("Model", "DetectionModel", "SegmentationModel")}
+    model_classes |= {f"ultralytics.nn.tasks.{n}" for n in ("DetectionModel", "SegmentationModel")}
     if not isinstance(record, PickledObject) or record.pickled_name not in model_classes:
-        raise UnknownArchitectureError(f"{path}: the model is a {_named(record)}, not a YOLOv5 model")
+        raise UnknownArchitectureError(f"{path}: the model is a {_named(record)}, not a YOLO model yoloq rebuilds")
     return record
 
 
@@ -226,8 +261,8 @@ def _shape_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | N
 def _head(layers: list[Any], path: str) -> tuple[PickledObject, str]:
     head = layers[-1] if layers else None
     kind = _named(head).rsplit(".", 1)[-1]
-    if not isinstance(head, PickledObject) or kind not in ("Detect", "Segment") or "nc" not in head.__dict__:
-        raise UnknownArchitectureError(f"{path}: unknown head {_named(head)} (expected YOLOv5 Detect or Segment)")
+    if not isinstance(head, PickledObject) or kind not in ARCHITECTURES or "nc" not in head.__dict__:
+        raise UnknownArchitectureError(f"{path}: unknown head {_named(head)} (expected one of {list(ARCHITECTURES)})")
     return head, kind
 
 
@@ -239,8 +274,8 @@ def _strides(record: PickledObject, head: PickledObject, path: str) -> torch.Ten
     return torch.tensor(values)
 
 
-def _build_matching(record: PickledObject, state: dict[str, torch.Tensor], path: str) -> YOLOv5:
-    """yoloq's YOLOv5 whose layer classes and state-dict shapes equal the checkpoint's."""
+def _build_matching(record: PickledObject, state: dict[str, torch.Tensor], path: str) -> YOLOv5 | YOLOv7:
+    """yoloq's model whose layer classes and state-dict shapes equal the checkpoint's."""
     layers = _layers(record, path)
     head, kind = _head(layers, path)
     stride = _strides(record, head, path)
@@ -250,9 +285,13 @@ def _build_matching(record: PickledObject, state: dict[str, torch.Tensor], path:
     anchors = (state[anchors_key].float() * stride.view(-1, 1, 1)).flatten(1).tolist()
     nc = int(head.__dict__["nc"])
     theirs = [_named(m).rsplit(".", 1)[-1] for m in layers]
+    return ARCHITECTURES[kind](record, theirs, state, path, nc=nc, anchors=anchors, names=_class_names(record, nc))
+
+
+def _match_yolov5(record, theirs, state, path, segment: bool = False, **head) -> YOLOv5:
     problems = []
     for depth, width in _candidate_scales(record):
-        model = YOLOv5(depth, width, nc=nc, anchors=anchors, segment=kind == "Segment", names=_class_names(record, nc))
+        model = YOLOv5(depth, width, segment=segment, **head)
         ours = [type(m).__name__ for m in model.model]
         if theirs != ours:
             raise UnknownArchitectureError(f"{path}: unknown layer sequence {theirs} (yoloq's YOLOv5: {ours})")
@@ -263,15 +302,60 @@ def _build_matching(record: PickledObject, state: dict[str, torch.Tensor], path:
     raise UnknownArchitectureError(f"{path}: no YOLOv5 scale matches the weights; " + "; ".join(problems[:2]))
 
 
-def load(path: str | os.PathLike) -> YOLOv5:
-    """yoloq's YOLOv5 (or YOLOv5-seg) with the weights of an official checkpoint, fp32, eval mode.
+def _match_yolov7(record, theirs, state, path, **head) -> YOLOv7:
+    for variant in YOLOV7_VARIANTS:
+        if yolov7_layer_names(variant) == theirs:  # compared before building: yolov7 is 37M parameters
+            model = YOLOv7(variant, **head)
+            if problem := _shape_mismatch(model, state):
+                raise UnknownArchitectureError(f"{path}: {variant} does not match the weights; {problem}")
+            return model
+    raise UnknownArchitectureError(f"{path}: unknown layer sequence {theirs} (yoloq's YOLOv7: {list(YOLOV7_VARIANTS)})")
 
-    The model carries ``names`` (class names), ``stride`` and ``anchors`` (pixels).
+
+# The head's class picks the family of models tried against a checkpoint.
+ARCHITECTURES = {
+    "Detect": _match_yolov5,
+    "Segment": functools.partial(_match_yolov5, segment=True),
+    "IDetect": _match_yolov7,
+}
+
+
+def _match_ultralytics(record: PickledObject, state: dict[str, torch.Tensor], path: str) -> YOLOv8:
+    """yoloq's YOLOv8 / YOLO11 (-seg) with the layout the record's YAML gives, at the YAML's scale
+    (every official scale when the YAML names none) whose state-dict shapes equal the weights'."""
+    yaml = record.__dict__.get("yaml")
+    matched = match_yaml(yaml) if isinstance(yaml, dict) else None
+    if matched is None:
+        raise UnknownArchitectureError(f"{path}: the model's yaml is not a YOLOv8 or YOLO11 (-seg) layout")
+    family, segment = matched
+    head, _ = _head(_layers(record, path), path)
+    _strides(record, head, path)
+    nc = int(head.__dict__["nc"])
+    scales = [yaml["scale"]] if yaml.get("scale") in family.scales else list(family.scales)
+    problems = []
+    for scale in scales:
+        model = YOLOv8(family, scale, nc=nc, segment=segment, names=_class_names(record, nc))
+        if (problem := _shape_mismatch(model, state)) is None:
+            return model
+        problems.append(f"{family.name}{scale}: {problem}")
+    raise UnknownArchitectureError(f"{path}: no {family.name} scale matches the weights; " + "; ".join(problems[:2]))
+
+
+# The package that pickled the model picks how it is matched: the YOLOv5 / YOLOv7 repositories
+# (``models.yolo``) by head class and anchors, the ultralytics package by the model's YAML.
+MATCHERS = {"models.yolo": _build_matching, "ultralytics.nn.tasks": _match_ultralytics}
+
+
+def load(path: str | os.PathLike) -> YOLOv5 | YOLOv7 | YOLOv8:
+    """yoloq's YOLOv5 (-seg), YOLOv7 (-tiny), YOLOv8 / YOLO11 (-seg) with the weights of an
+    official or ultralytics checkpoint, fp32, eval mode.
+
+    The model carries ``names`` (class names), ``stride`` and, when anchor-based, ``anchors`` (pixels).
     """
     path = os.fspath(path)
     record = _model_record(read_checkpoint(path), path)
     state = module_state(record)
-    model = _build_matching(record, state, path)
+    model = MATCHERS[record.pickled_name.rsplit(".", 1)[0]](record, state, path)
     # Release checkpoints are stored in fp16; yoloq works in fp32 and quantizes from there.
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return model.eval()

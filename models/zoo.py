@@ -11,6 +11,8 @@ from functools import partial
 from torch import nn
 
 from yoloq.models.yolov5 import yolov5
+from yoloq.models.yolov7 import yolov7
+from yoloq.models.yolov8 import yolo11, yolov8
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "yolov5n": partial(yolov5, "n"),
@@ -23,6 +25,23 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "yolov5m-seg": partial(yolov5, "m", segment=True),
     "yolov5l-seg": partial(yolov5, "l", segment=True),
     "yolov5x-seg": partial(yolov5, "x", segment=True),
+    "yolov8n": partial(yolov8, "n"),
+    "yolov8s": partial(yolov8, "s"),
+    "yolov8m": partial(yolov8, "m"),
+    "yolov8l": partial(yolov8, "l"),
+    "yolov8x": partial(yolov8, "x"),
+    "yolov8n-seg": partial(yolov8, "n", segment=True),
+    "yolov8s-seg": partial(yolov8, "s", segment=True),
+    "yolov8m-seg": partial(yolov8, "m", segment=True),
+    "yolov8l-seg": partial(yolov8, "l", segment=True),
+    "yolov8x-seg": partial(yolov8, "x", segment=True),
+    "yolo11n": partial(yolo11, "n"),
+    "yolo11s": partial(yolo11, "s"),
+    "yolo11m": partial(yolo11, "m"),
+    "yolo11l": partial(yolo11, "l"),
+    "yolo11x": partial(yolo11, "x"),
+    "yolov7": partial(yolov7, "yolov7"),
+    "yolov7-tiny": partial(yolov7, "yolov7-tiny"),
 }
 
 

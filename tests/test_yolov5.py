@@ -131,7 +131,7 @@ def test_new_input_size_rebuilds_the_grid():
 
 
 def test_zoo_table():
-    assert set(BUILDERS) == {f"yolov5{s}{t}" for s in "nsmlx" for t in ("", "-seg")}
+    assert {f"yolov5{s}{t}" for s in "nsmlx" for t in ("", "-seg")} <= set(BUILDERS)
     assert build("yolov5n", nc=20).model[-1].m[0].out_channels == 3 * 25
     with pytest.raises(ValueError, match="unknown model 'yolov9z'.*yolov5n, yolov5s"):
         build("yolov9z")

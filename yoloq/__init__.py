@@ -16,5 +16,9 @@ __all__ = [
     "PassError", "PassRecord", "PassResult", "build_pipeline", "run_pipeline",
 ]
 from yoloq import models  # noqa: E402  (yoloq.models.build, .load, tiny models)
+from yoloq.tools.coco_eval import Metrics  # noqa: E402
+from yoloq.tools.evaluate import evaluate  # noqa: E402
+
+__all__ += ["Metrics", "evaluate", "models"]
 
 __version__ = "0.1.0"

@@ -34,6 +34,12 @@ def _demo(args: argparse.Namespace) -> int:
     return main(args.model or None, args.imgsz)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from yoloq.tools.evaluate import main_eval
+
+    return main_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloq", description="Quantize YOLO detectors with a torch.fx pass pipeline.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -47,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", action="append", help="model to use instead of the defaults (repeatable)")
     demo.add_argument("--imgsz", type=int, default=640)
     demo.set_defaults(run=_demo)
+    from yoloq.tools.evaluate import add_eval_arguments
+
+    evaluate = verbs.add_parser("eval", help="COCO mAP of a model on a YOLO-format dataset (pycocotools)")
+    add_eval_arguments(evaluate).set_defaults(run=_eval)
     return parser
 
 

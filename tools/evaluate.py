@@ -1,0 +1,101 @@
+"""``evaluate``: COCO mAP of a detector on a YOLO-format dataset, and the ``yoloq eval`` verb.
+
+The loop is YOLOv5 ``val.py``'s: letterboxed (rectangular by default) batches, the model in eval
+mode, multi-label class-aware NMS at conf 0.001 / IoU 0.6 with at most 300 boxes per image, boxes
+mapped back to original pixels, then ``CocoEvaluator``. Any ``nn.Module`` works whose eval output
+is a prediction tensor in either YOLO layout, or a tuple/list whose first element is one (as
+YOLOv5's ``(pred, raw)``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from yoloq.tools.coco_eval import CocoEvaluator, Metrics
+from yoloq.tools.data import YoloDataset
+from yoloq.tools.nms import non_max_suppression
+
+
+def _prediction(output) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"the model returned {type(output).__name__}; expected a prediction "
+                        "tensor or a tuple/list whose first element is one")
+    return output
+
+
+def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return torch.device("cpu"), torch.float32
+    dtype = parameter.dtype if parameter.dtype.is_floating_point else torch.float32
+    return parameter.device, dtype
+
+
+def evaluate(model: nn.Module, data_yaml: str | os.PathLike, imgsz: int = 640, batch: int = 1,
+             conf: float = 0.001, iou: float = 0.6, max_images: int | None = None,
+             cache_dir: str | os.PathLike | None = None, *, rect: bool = True) -> Metrics:
+    """mAP50-95, mAP50, P, R and per-class AP of ``model`` on the data.yaml's val split.
+
+    ``max_images`` keeps the first N images in filename order (a quick look, not a benchmark);
+    ``cache_dir`` holds the converted COCO ground truth (default: see ``default_cache_dir``).
+    The model's training flag is restored afterwards.
+    """
+    if imgsz % 32 or imgsz <= 0:
+        raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
+    dataset = YoloDataset(data_yaml, "val", imgsz=imgsz, batch=batch, rect=rect,
+                          max_images=max_images)
+    evaluator = CocoEvaluator(dataset, cache_dir)
+    device, dtype = _model_placement(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, records, boxes_maps in tqdm(dataset.batches(), total=dataset.num_batches(),
+                                                    desc="eval", unit="batch", leave=False):
+                prediction = _prediction(model(images.to(device, dtype)))
+                detections = non_max_suppression(prediction.float(), conf, iou)
+                for record, boxes_map, det in zip(records, boxes_maps, detections):
+                    det[:, :4] = boxes_map.to_original(det[:, :4])
+                    evaluator.update(record, det)
+    finally:
+        model.train(was_training)
+    return evaluator.compute()
+
+
+def format_metrics(metrics: Metrics) -> str:
+    """A results table: the summary row, then AP50-95 per class present in the labels."""
+    lines = [f"{'class':>20} {'P':>7} {'R':>7} {'mAP50':>7} {'mAP50-95':>9}",
+             f"{'all':>20} {metrics.precision:7.3f} {metrics.recall:7.3f} "
+             f"{metrics.map50:7.3f} {metrics.map50_95:9.3f}"]
+    lines += [f"{name:>20} {'':7} {'':7} {'':7} {ap:9.3f}" for name, ap in metrics.per_class.items()]
+    return "\n".join(lines)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``yoloq eval``."""
+    parser.add_argument("--model", required=True, help="checkpoint (.pt), zoo name or ultralytics YAML to evaluate")
+    parser.add_argument("--data", required=True, help="data.yaml of a YOLO-format dataset")
+    parser.add_argument("--imgsz", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--batch", type=int, default=1, help="images per batch")
+    parser.add_argument("--conf", type=float, default=0.001, help="confidence threshold")
+    parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N only")
+    parser.add_argument("--square", action="store_true", help="pad to imgsz x imgsz, not rect")
+    return parser
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    """``yoloq eval``: print the results table of a model on a dataset."""
+    from yoloq.sources import load_model  # the model zoo is only needed by this verb
+
+    model = load_model(args.model)
+    metrics = evaluate(model, args.data, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
+                       iou=args.iou, max_images=args.max_images, rect=not args.square)
+    print(format_metrics(metrics))
+    return 0
