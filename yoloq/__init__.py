@@ -1,8 +1,8 @@
 """yoloq: quantize YOLO detectors to 8, 4 and 3 bits as a torch.fx compiler-pass pipeline.
 
-The front of the chain today: ``capture`` a model as a module-level FX graph plus a float
-decoder, then run the structural passes that ``build_pipeline`` orders (Conv-BN folding,
-Conv-activation fusion) with ``run_pipeline``.
+``quantize(model, recipe, calib=...)`` runs the front of the chain: ``capture`` a model as a
+module-level FX graph plus a float decoder, then the passes that ``build_pipeline`` orders
+(Conv-BN folding, Conv-activation fusion, planning, quantizer insertion, calibration).
 """
 from yoloq.passes.capture import Captured, Decoder, capture
 from yoloq.passes.concrete_tracer import CaptureError, Guard, GuardError
@@ -19,6 +19,12 @@ from yoloq import models  # noqa: E402  (yoloq.models.build, .load, tiny models)
 from yoloq.tools.coco_eval import Metrics  # noqa: E402
 from yoloq.tools.evaluate import evaluate  # noqa: E402
 
-__all__ += ["Metrics", "evaluate", "models"]
+from yoloq.quantize import QuantizedModel, quantize  # noqa: E402
+from yoloq.recipe import Override, Recipe, RecipeError, load_recipe  # noqa: E402
+from yoloq.quantizers.spec import QuantSpec  # noqa: E402
+from yoloq.storage import load_quantized, save  # noqa: E402
+
+__all__ += ["Metrics", "evaluate", "models", "QuantizedModel", "quantize", "Override", "Recipe", "RecipeError",
+            "load_recipe", "QuantSpec", "load_quantized", "save"]
 
 __version__ = "0.1.0"

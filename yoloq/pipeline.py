@@ -89,16 +89,26 @@ def run_pipeline(
     return gm, records
 
 
-def build_pipeline(stage: str = "fused") -> tuple[Any, ...]:
-    """The one place that knows pass order. ``stage`` names how far the structural rewrite goes."""
+def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any] | None = None) -> tuple[Any, ...]:
+    """The one place that knows pass order. ``stage`` names how far the rewrite goes:
+    ``captured`` < ``folded`` < ``fused`` < ``quantized`` (needs ``recipe``) < ``calibrated``
+    (needs ``recipe`` and ``calib`` batches)."""
+    from yoloq.passes.calibrate import calibrate
     from yoloq.passes.fold_conv_bn import fold_conv_bn
     from yoloq.passes.fuse_conv_act import fuse_conv_act
+    from yoloq.passes.insert_quantizers import insert_quantizers
+    from yoloq.passes.plan_quantization import plan_quantization
 
-    stages: dict[str, tuple[Any, ...]] = {
-        "captured": (),
-        "folded": (fold_conv_bn,),
-        "fused": (fold_conv_bn, fuse_conv_act),
-    }
-    if stage not in stages:
-        raise ValueError(f"unknown pipeline stage {stage!r}; valid stages: {sorted(stages)}")
-    return stages[stage]
+    order = ("captured", "folded", "fused", "quantized", "calibrated")
+    if stage not in order:
+        raise ValueError(f"unknown pipeline stage {stage!r}; valid stages: {list(order)}")
+    if order.index(stage) >= order.index("quantized") and recipe is None:
+        raise ValueError(f"pipeline stage {stage!r} needs a recipe")
+    if stage == "calibrated" and calib is None:
+        raise ValueError("pipeline stage 'calibrated' needs calibration batches (calib)")
+    steps: list[tuple[str, Any]] = [("folded", fold_conv_bn), ("fused", fuse_conv_act)]
+    if recipe is not None:
+        steps += [("quantized", plan_quantization(recipe)), ("quantized", insert_quantizers)]
+    if calib is not None:
+        steps.append(("calibrated", calibrate(calib)))
+    return tuple(p for step, p in steps if order.index(step) <= order.index(stage))
