@@ -95,6 +95,8 @@ class FakeQuantize(nn.Module):
             if name != "unit_levels":
                 value = self._param_shape(value)
             self._assign(name, value)
+        if self._sample is not None:  # up to a million values; a fitted codebook no longer needs them
+            self._sample = RowSample()
         self.observing, self.quantizing = False, True
         return self
 

@@ -77,13 +77,14 @@ def test_default_recipe_round_trips_and_to_dict_writes_only_non_default_spec_fie
 def test_preset_contents():
     w8a8, w4a4 = Recipe.preset("w8a8"), Recipe.preset("w4a4")
     assert w8a8.weight == QuantSpec(bits=8, granularity="per_channel")
-    assert (w8a8.activation.signed, w8a8.activation.symmetric, w8a8.overrides) == (False, False, ())
+    assert (w8a8.activation.signed, w8a8.activation.symmetric, w8a8.activation.bits) == (False, False, 8)
+    assert w8a8.resolve("model.24.m.0", {"head"}).activation.bits == 16  # handed to the float decoder
     assert (w4a4.weight.bits, w4a4.weight.learned, w4a4.activation.bits, w4a4.activation.learned) == (4, "lsq", 4, "lsq")
     for role in ("first", "head"):
         specs = w4a4.resolve("model.x", {role})
         assert (specs.weight.bits, specs.activation.bits) == (8, 8)
     w4a8 = Recipe.preset("w4a8")
-    assert (w4a8.resolve("x", {"head"}).weight.bits, w4a8.resolve("x", {"head"}).activation.bits) == (8, 8)
+    assert (w4a8.resolve("x", {"head"}).weight.bits, w4a8.resolve("x", {"head"}).activation.bits) == (8, 16)
     assert Recipe.preset("w3a3").resolve("x").weight.bits == 3
     assert Recipe.preset("w3a3").resolve("x", {"first"}).activation.bits == 8
     assert Recipe.preset("w4a4-all").overrides == ()

@@ -6,6 +6,9 @@ import sys
 
 import torch
 
+from yoloq.passes.concrete_tracer import CaptureError, GuardError
+from yoloq.pipeline import PassError
+
 
 def _graph(args: argparse.Namespace) -> int:
     from yoloq.graph_table import format_graph
@@ -40,6 +43,25 @@ def _eval(args: argparse.Namespace) -> int:
     return main_eval(args)
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from yoloq.quantize import quantize
+    from yoloq.sources import load_model
+    from yoloq.storage import save
+
+    model = load_model(args.model)
+    qm = quantize(model, args.recipe, calib=args.data, num_images=args.calib_images, imgsz=args.imgsz,
+                  batch=args.batch)
+    print(qm.report.format())
+    if args.output:
+        size = save(qm, args.output)
+        print(f"\nsaved {args.output}: {size.file_bytes} bytes, {size.ratio:.2f}x smaller than the FP32 state_dict")
+    if args.eval:
+        from yoloq.tools.evaluate import evaluate, format_metrics
+
+        print(format_metrics(evaluate(qm, args.data, imgsz=args.imgsz)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloq", description="Quantize YOLO detectors with a torch.fx pass pipeline.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -55,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     from yoloq.tools.evaluate import add_eval_arguments
 
+    quant = verbs.add_parser("quantize", help="post-training quantization: calibrate, report, save")
+    quant.add_argument("--model", required=True, help="checkpoint (.pt), zoo name or ultralytics YAML")
+    quant.add_argument("--recipe", default="w8a8", help="preset name (w8a8, w4a8, w4a4, w3a3, ...) or recipe YAML")
+    quant.add_argument("--data", required=True, help="data.yaml whose train images calibrate (and --eval evaluates)")
+    quant.add_argument("--calib-images", type=int, default=32, help="number of calibration images")
+    quant.add_argument("--imgsz", type=int, default=640)
+    quant.add_argument("--batch", type=int, default=8, help="calibration batch size")
+    quant.add_argument("-o", "--output", help="write the quantized model here (packed integer weights)")
+    quant.add_argument("--eval", action="store_true", help="also evaluate the quantized model on the data's val split")
+    quant.set_defaults(run=_quantize)
     evaluate = verbs.add_parser("eval", help="COCO mAP of a model on a YOLO-format dataset (pycocotools)")
     add_eval_arguments(evaluate).set_defaults(run=_eval)
     return parser
@@ -64,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, FileNotFoundError, TypeError, PassError, CaptureError, GuardError) as exc:
         print(f"yoloq {args.verb}: error: {exc}", file=sys.stderr)
         return 2
 
