@@ -125,10 +125,15 @@ def _roles(nodes, kinds, groups, output_node: fx.Node) -> dict[fx.Node, set[str]
     input_groups = {groups[n] for n in nodes if kinds[n] == "input"}
     output_groups = {groups[a] for a in output_node.all_input_nodes if a in groups}
     concat_groups = {groups[n] for n in nodes if n.op == "call_function" and n.target in CONCATS and n in groups}
+    # A layer is a head layer when no other layer follows it (as split_head finds the boundary);
+    # what it feeds to the outputs (YOLOv7's implicit multiply) is head output too.
+    reaches_layer: dict[fx.Node, bool] = {}
+    for n in reversed(nodes):
+        reaches_layer[n] = any(kinds.get(u) == "layer" or reaches_layer.get(u, False) for u in n.users)
     for n in nodes:
         if kinds[n] == "layer" and any(groups.get(a) in input_groups for a in _tensor_inputs(n, kinds)):
             roles[n].add("first")
-        if kinds[n] == "layer" and groups[n] in output_groups:
+        if (kinds[n] == "layer" and not reaches_layer[n]) or (kinds[n] == "compute" and groups[n] in output_groups):
             roles[n].add("head")
         if kinds[n] in ("layer", "compute") and groups[n] in concat_groups:
             roles[n].add("concat_input")

@@ -33,6 +33,9 @@ from yoloq.quantizers.uniform import SCALE_EPS, fake_quantize, uniform_qparams
 
 SAMPLE_CAP = 1_000_000
 MSE_STEPS, MSE_MIN_RATIO = 100, 0.2
+# The MSE search quantizes its sample once per candidate range: 2^17 values per row estimate the
+# error to well under a percent, and keep a 640x640 batch of 8 at ~0.1 s per tensor, not ~1 s.
+MSE_SAMPLE_CAP = 1 << 17
 HISTOGRAM_BINS = 2048
 KL_MAX_CANDIDATES = 256  # thresholds tried by the entropy search; spaced evenly over the bins
 
@@ -182,8 +185,8 @@ def grid_error_fn(spec: QuantSpec):
 
 class MseObserver(_BatchMeanObserver):
     def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = sample_columns(rows, SAMPLE_CAP, self.generator)
-        lo, hi = rows.amin(1).clamp(max=0.0), rows.amax(1).clamp(min=0.0)
+        lo, hi = rows.amin(1).clamp(max=0.0), rows.amax(1).clamp(min=0.0)  # the extremes, before sampling
+        rows = sample_columns(rows, MSE_SAMPLE_CAP, self.generator)
         quantized = grid_error_fn(self.spec)
         best_error = torch.full_like(lo, float("inf"))
         best_ratio = torch.ones_like(lo)

@@ -112,3 +112,23 @@ def test_yolov5n_w8a8_keeps_coco128_accuracy(shared_data, tmp_path):
     q = yoloq.evaluate(qm, data, imgsz=320, max_images=32, cache_dir=tmp_path)
     assert q.map50_95 == pytest.approx(fp.map50_95, abs=0.02)
     assert min(r.sqnr_db for r in qm.report.by_role("weight")) > 25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolov7-tiny", "yolov8n-seg", "ultralytics:yolo11n.yaml"])
+def test_zoo_and_ultralytics_models_quantize_with_head_roles(name, recwarn):
+    from yoloq.passes.plan_quantization import QUANT
+
+    if name.startswith("ultralytics:"):
+        ultralytics = pytest.importorskip("ultralytics")
+        model = ultralytics.YOLO(name.split(":")[1])  # the user-facing wrapper, unwrapped by quantize
+    else:
+        model = yoloq.models.build(name).eval()
+    calib = [torch.rand(1, 3, 128, 128, generator=GEN)]
+    qm = yoloq.quantize(model, "w4a4", calib=calib)
+    heads = [n for n in qm.graph_module.graph.nodes if "head" in n.meta[QUANT].roles]
+    assert len(heads) >= 3 and all(n.meta[QUANT].output.bits == 8 for n in heads)
+    assert not [w for w in recwarn if "matches nothing" in str(w.message)]
+    with torch.no_grad():
+        leaves = torch.utils._pytree.tree_leaves(qm(calib[0]))
+    assert leaves and all(torch.isfinite(t).all() for t in leaves if isinstance(t, torch.Tensor))

@@ -34,7 +34,7 @@ def _graph(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from yoloq.demo import main
 
-    return main(args.model or None, args.imgsz)
+    return main(args.model or None, args.imgsz, data=args.data)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="run the pipeline on the embedded default models and check it")
     demo.add_argument("--model", action="append", help="model to use instead of the defaults (repeatable)")
     demo.add_argument("--imgsz", type=int, default=640)
+    demo.add_argument("--data", help="data.yaml to calibrate on (e.g. with --model a checkpoint)")
     demo.set_defaults(run=_demo)
     from yoloq.tools.evaluate import add_eval_arguments
 

@@ -1,12 +1,15 @@
-"""The main job on an embedded default: build, capture, fold, fuse, summarise, check equivalence.
+"""The main job on an embedded default: build, capture, fold, fuse, check equivalence, quantize.
 
 Runs on yoloq's own tiny YOLO, and on ultralytics' YOLOv8n and YOLO11n-seg (built from their YAMLs,
-random weights) when ultralytics is installed. Grows with the library: quantization, lowering and
-export join here as they land.
+random weights) when ultralytics is installed; then quantizes the first model at W8A8 and W4A4,
+calibrated on random images (or on ``data``'s images when given), and reports SQNR and the packed
+file size. Grows with the library: lowering and export join here as they land.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 import time
 
 import torch
@@ -14,6 +17,8 @@ import torch
 from yoloq.graph_table import format_table, summarise_graph
 from yoloq.passes.capture import capture
 from yoloq.pipeline import build_pipeline, run_pipeline
+from yoloq.quantize import quantize
+from yoloq.storage import save
 from yoloq.sources import load_model
 
 
@@ -56,9 +61,29 @@ def run_one(spec: str, size: int, second: int) -> tuple[str, ...]:
     )
 
 
-def main(models: list[str] | None = None, size: int = 640, second: int = 320) -> int:
-    rows = [run_one(spec, size, second) for spec in (models or default_models())]
+def quantize_one(spec: str, recipe: str, size: int, data: str | None) -> tuple[str, ...]:
+    model = load_model(spec).eval()
+    calib = data if data else [torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    start = time.perf_counter()
+    qm = quantize(model, recipe, calib=calib, num_images=16, imgsz=size)
+    seconds = time.perf_counter() - start
+    heads = [r.sqnr_db for r in qm.report.by_role("activation") if "head" in r.role]
+    weights = sorted(r.sqnr_db for r in qm.report.by_role("weight"))
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = save(qm, os.path.join(tmp, "model.yq"))
+    return (spec, recipe, str(len(qm.report.rows)), f"{weights[0]:.1f} / {weights[len(weights) // 2]:.1f}",
+            f"{min(heads):.1f}", f"{saved.file_bytes / 1e3:.0f} kB", f"{saved.ratio:.1f}x", f"{seconds:.2f}")
+
+
+def main(models: list[str] | None = None, size: int = 640, second: int = 320, data: str | None = None) -> int:
+    models = models or default_models()
+    rows = [run_one(spec, size, second) for spec in models]
     header = ("model", "nodes", "after", "BN", "fused", "heads", "guards", "passes", "s", "max|diff|", "check")
     print(f"capture -> fold_conv_bn -> fuse_conv_act; outputs compared with the eager model at {size} and {second}")
     print(format_table(header, rows))
+    qsize = size if data else min(size, 320)
+    qrows = [quantize_one(models[0], recipe, qsize, data) for recipe in ("w8a8", "w4a4")]
+    print(f"\nyoloq.quantize at {qsize} (calibration: {data or 'random images'}); SQNR against float in dB")
+    qheader = ("model", "recipe", "quantizers", "weight SQNR min / median", "head output SQNR min", "saved", "vs FP32", "s")
+    print(format_table(qheader, qrows))
     return 0 if all(r[-1] == "ok" for r in rows) else 1

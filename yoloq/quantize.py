@@ -47,10 +47,8 @@ def unwrap_model(model) -> nn.Module:
     forward) hold their network in ``.model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (or an ultralytics YOLO), got {type(model).__name__}")
-    inner = getattr(model, "model", None)
-    if type(model).__module__.startswith("ultralytics.") and hasattr(model, "predict") and isinstance(inner, nn.Module):
-        return inner
-    return model
+    wrapper = any(c.__module__ == "ultralytics.engine.model" and c.__name__ == "Model" for c in type(model).__mro__)
+    return model.model if wrapper and isinstance(getattr(model, "model", None), nn.Module) else model
 
 
 def calibration_batches(calib, num_images: int = 32, imgsz: int = 640, batch: int = 8) -> list[torch.Tensor]:
