@@ -17,6 +17,22 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.03
 
 
+def route(layers: nn.Module, sources: tuple, saved: frozenset[int], x):
+    """Run a YOLO layer list the way its YAML wires it: ``sources[i]`` is -1 (the previous
+    output), an earlier index, or a tuple of them (a list input, for Concat and the heads);
+    outputs whose index is in ``saved`` are kept for later layers."""
+    kept: dict[int, object] = {}
+    for i, (layer, src) in enumerate(zip(layers, sources)):
+        if not isinstance(src, int):
+            x = [x if j == -1 else kept[j] for j in src]
+        elif src != -1:
+            x = kept[src]
+        x = layer(x)
+        if i in saved:
+            kept[i] = x
+    return x
+
+
 def same_padding(kernel: int) -> int:
     """Padding that keeps the spatial size at stride 1 for an odd kernel."""
     return kernel // 2

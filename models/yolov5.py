@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from yoloq.models.common import C3, SPPF, Concat, Conv, Proto, round_channels, scaled_depth
+from yoloq.models.common import C3, SPPF, Concat, Conv, Proto, round_channels, route, scaled_depth
 
 # (depth_multiple, width_multiple) per scale, as in the official yolov5{n,s,m,l,x}.yaml files.
 SCALES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.0), "x": (1.33, 1.25)}
@@ -176,16 +176,7 @@ class YOLOv5(nn.Module):
         return head.anchors * head.stride.view(-1, 1, 1)
 
     def forward(self, x: torch.Tensor):
-        kept: dict[int, torch.Tensor] = {}
-        for i, (layer, src) in enumerate(zip(self.model, self.sources)):
-            if not isinstance(src, int):
-                x = [x if j == -1 else kept[j] for j in src]
-            elif src != -1:
-                x = kept[src]
-            x = layer(x)
-            if i in self.saved:
-                kept[i] = x
-        return x
+        return route(self.model, self.sources, self.saved, x)
 
 
 def build_layers(depth_multiple: float, width_multiple: float, in_channels: int = 3):

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from yoloq.models.common import SPPF, Concat, Conv, round_channels, scaled_depth
+from yoloq.models.common import SPPF, Concat, Conv, round_channels, route, scaled_depth
 from yoloq.models.ultralytics_blocks import DFL, C2f, C2PSA, C3k2, ProtoT, dw_conv
 
 STRIDES = (8, 16, 32)
@@ -203,16 +203,7 @@ class YOLOv8(nn.Module):
         return self.model[-1].stride
 
     def forward(self, x: torch.Tensor):
-        kept: dict[int, torch.Tensor] = {}
-        for i, (layer, src) in enumerate(zip(self.model, self.sources)):
-            if not isinstance(src, int):
-                x = [x if j == -1 else kept[j] for j in src]
-            elif src != -1:
-                x = kept[src]
-            x = layer(x)
-            if i in self.saved:
-                kept[i] = x
-        return x
+        return route(self.model, self.sources, self.saved, x)
 
 
 def build_layers(family: Family, scale: str, in_channels: int = 3) -> tuple[list[nn.Module], list[int]]:

@@ -122,7 +122,9 @@ class Observer:
 
 class MinMaxObserver(Observer):
     def update(self, x: torch.Tensor) -> None:
-        rows = self.rows(x)
+        self._track_extremes(self.rows(x))
+
+    def _track_extremes(self, rows: torch.Tensor) -> None:
         lo, hi = rows.amin(1), rows.amax(1)
         if self.batches > 1:
             lo, hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
@@ -233,10 +235,7 @@ def kl_threshold_bins(hist: torch.Tensor, levels: int) -> torch.Tensor:
 class EntropyObserver(MinMaxObserver):
     def update(self, x: torch.Tensor) -> None:
         rows = self.rows(x)
-        lo, hi = rows.amin(1), rows.amax(1)
-        if self.batches > 1:
-            lo, hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-        self.lo, self.hi = lo, hi
+        self._track_extremes(rows)
         magnitudes = rows.abs()
         needed = magnitudes.amax(1).clamp_min(SCALE_EPS) / HISTOGRAM_BINS
         if self.batches == 1:
