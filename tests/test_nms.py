@@ -143,3 +143,13 @@ def test_box_helpers():
     assert xyxy.tolist() == [[8, 17, 12, 23]]
     iou = box_iou(torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([[5.0, 0, 15, 10], [20, 20, 30, 30]]))
     assert iou.tolist() == [[pytest.approx(1 / 3), 0.0]]
+
+
+@pytest.mark.parametrize("max_keep", [1, 5, 130, 1000])
+def test_max_keep_stops_early_with_the_same_first_boxes(max_keep):
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(600, 2, generator=g) * 500
+    boxes = torch.cat((xy, xy + torch.rand(600, 2, generator=g) * 60 + 1), 1)
+    scores = torch.rand(600, generator=g)
+    full = nms(boxes, scores, 0.5, block=64)
+    assert torch.equal(nms(boxes, scores, 0.5, block=64, max_keep=max_keep), full[:max_keep])

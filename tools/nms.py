@@ -38,8 +38,10 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float,
-        block: int = 128) -> torch.Tensor:
-    """Indices of the boxes greedy NMS keeps, in descending score order."""
+        block: int = 128, max_keep: int | None = None) -> torch.Tensor:
+    """Indices of the boxes greedy NMS keeps, in descending score order; with ``max_keep``, only
+    the first ``max_keep`` of them (greedy order makes the rest irrelevant, so it stops there:
+    a model whose boxes barely overlap would otherwise compare all 30,000 candidates)."""
     order = scores.argsort(descending=True, stable=True)
     boxes = boxes[order]
     keep = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
@@ -57,7 +59,10 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float,
                 break
             chunk_keep = update
         keep[start:start + block] = chunk_keep
-    return order[keep]
+        if max_keep is not None and int(keep.sum()) >= max_keep:
+            break
+    kept = order[keep]
+    return kept if max_keep is None else kept[:max_keep]
 
 
 def to_anchor_rows(prediction: torch.Tensor, layout: Layout = "auto") -> tuple[torch.Tensor, bool]:
@@ -110,6 +115,6 @@ def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.001,
         det = _candidates(image_rows.float(), has_objectness, conf_thres, multi_label)
         det = det[det[:, 4].argsort(descending=True, stable=True)[:max_nms]]
         offsets = det[:, 5:6] * (0.0 if agnostic else max_wh)
-        kept = nms(det[:, :4] + offsets, det[:, 4], iou_thres)[:max_det]
+        kept = nms(det[:, :4] + offsets, det[:, 4], iou_thres, max_keep=max_det)
         results.append(det[kept])
     return results
