@@ -32,7 +32,10 @@ def test_unknown_model_and_stage_are_clear_errors(capsys):
 def test_demo_on_the_tiny_model(capsys):
     assert main(["demo", "--model", "tiny-yolo", "--imgsz", "128"]) == 0
     out = capsys.readouterr().out
-    assert "tiny-yolo" in out and "14 -> 0" in out and out.rstrip().endswith("ok")
+    capture_table, quantize_table = out.split("yoloq.quantize")
+    assert "tiny-yolo" in capture_table and "14 -> 0" in capture_table and capture_table.rstrip().endswith("ok")
+    rows = [line.split() for line in quantize_table.splitlines() if line.startswith("tiny-yolo")]
+    assert [r[1] for r in rows] == ["w8a8", "w4a4"] and all(r[2] == "49" for r in rows)
 
 
 @pytest.mark.slow
