@@ -138,16 +138,21 @@ def list_images(sources: tuple[Path, ...]) -> list[Path]:
     return sorted(files, key=str)
 
 
-def parse_label_file(path: Path, nc: int) -> np.ndarray:
-    """Boxes of one label file as (n, 5) ``cls xc yc w h``; duplicates dropped, as YOLOv5 does."""
-    rows = []
+def numbered_lines(path: Path) -> Iterator[tuple[int, list[float]]]:
+    """(line number, numbers) for each non-blank line of a label file; a non-number names file:line."""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            values = [float(v) for v in line.split()]
+            yield number, [float(v) for v in line.split()]
         except ValueError:
             raise DatasetError(f"{path}:{number}: not numbers: {line.strip()!r}") from None
+
+
+def parse_label_file(path: Path, nc: int) -> np.ndarray:
+    """Boxes of one label file as (n, 5) ``cls xc yc w h``; duplicates dropped, as YOLOv5 does."""
+    rows = []
+    for number, values in numbered_lines(path):
         if len(values) != 5:
             raise DatasetError(f"{path}:{number}: expected 'cls xc yc w h', got {len(values)} values")
         cls = values[0]

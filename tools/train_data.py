@@ -29,7 +29,7 @@ import torch
 
 from yoloq.tools.augment import (hsv_jitter, horizontal_flip, letterbox_square, mosaic4,
                                  random_affine)
-from yoloq.tools.data import (DatasetError, ImageRecord, _image_size, label_path_for,
+from yoloq.tools.data import (DatasetError, ImageRecord, _image_size, label_path_for, numbered_lines,
                               list_images, load_data_config, read_resized, scan_images)
 
 _PREFETCH_BATCHES = 2  # batches decoded ahead of the consumer: enough to hide decode latency
@@ -78,13 +78,7 @@ class AugmentConfig:
 def parse_polygon_file(path: Path, nc: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Polygons of one label file: (n, 5) ``cls xc yc w h`` boxes (extents) and n (k, 2) arrays."""
     boxes, polygons = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            values = [float(v) for v in line.split()]
-        except ValueError:
-            raise DatasetError(f"{path}:{number}: not numbers: {line.strip()!r}") from None
+    for number, values in numbered_lines(path):
         if len(values) < 7 or len(values) % 2 == 0:
             raise DatasetError(f"{path}:{number}: expected 'cls x1 y1 x2 y2 x3 y3 ...' (a class "
                                f"and at least 3 points), got {len(values)} values")
