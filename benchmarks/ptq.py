@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 import yoloq
 from yoloq.quantize import calibration_batches

@@ -79,10 +79,14 @@ class Detect(nn.Module):
         self.register_buffer("stride", stride, persistent=False)
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in channels)
 
+    def level(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The raw prediction map of level ``i`` (subclasses add layers around the conv)."""
+        return self.m[i](x)
+
     def forward(self, xs: list[torch.Tensor]):
         raw, decoded = [], []
         for i in range(self.nl):
-            p = self.m[i](xs[i])
+            p = self.level(i, xs[i])
             bs, _, ny, nx = p.shape
             p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             raw.append(p)

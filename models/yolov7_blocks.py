@@ -170,13 +170,5 @@ class IDetect(Detect):
         self.ia = nn.ModuleList(ImplicitA(c) for c in channels)
         self.im = nn.ModuleList(ImplicitM(self.no * self.na) for _ in channels)
 
-    def forward(self, xs: list[torch.Tensor]):
-        raw, decoded = [], []
-        for i in range(self.nl):
-            p = self.im[i](self.m[i](self.ia[i](xs[i])))
-            bs, _, ny, nx = p.shape
-            p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
-            raw.append(p)
-            if not self.training:
-                decoded.append(self.decode(p, i).view(bs, -1, self.no))
-        return raw if self.training else (torch.cat(decoded, 1), raw)
+    def level(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.im[i](self.m[i](self.ia[i](x)))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pathlib
+import sys
+import types
 
 import pytest
 import torch
@@ -15,6 +17,32 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (CI has it)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a loaded 2-core machine their
+    spin-waiting made small forwards 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def official_stand_ins(monkeypatch, official: dict[str, str]) -> dict[str, type]:
+    """Empty classes at the official repositories' paths (``models.common.Conv`` ...), in stand-in
+    ``models`` packages that monkeypatch removes after the test; keyed like ``official``."""
+    classes = {}
+    for package in ("models", "models.yolo", "models.common"):
+        monkeypatch.setitem(sys.modules, package, types.ModuleType(package))
+    for ours, qualified in official.items():
+        module, name = qualified.rsplit(".", 1)
+        cls = type(name, (nn.Module,), {"__module__": module})
+        setattr(sys.modules[module], name, cls)
+        classes[ours] = cls
+    return classes
 
 
 def assert_outputs_close(actual, expected, atol: float = 1e-4) -> None:

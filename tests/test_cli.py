@@ -1,7 +1,5 @@
 import pytest
-import torch
 
-import yoloq
 from yoloq.cli import main
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from test_data import make_dataset
-from yoloq.tools.coco_eval import (CocoEvaluator, Metrics, ground_truth_dict, ground_truth_json,
+from yoloq.tools.coco_eval import (Metrics, ground_truth_dict, ground_truth_json,
                                    match_predictions, precision_recall)
 from yoloq.tools.data import YoloDataset
 from yoloq.tools.evaluate import add_eval_arguments, evaluate, format_metrics, main_eval

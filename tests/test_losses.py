@@ -27,15 +27,7 @@ TARGETS = torch.tensor([[0, 1, 0.30, 0.40, 0.25, 0.35],
                         [1, 2, 0.55, 0.45, 0.15, 0.20]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: worker threads only add contention on a loaded machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- boxes -------------------------------------------------------------------------------------

@@ -5,13 +5,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import yoloq
 from yoloq.models.tiny import TINY_MODELS
 from yoloq.passes.calibrate import CalibrationError
 from yoloq.passes.insert_quantizers import QuantizedLayer, insert_quantizers
-from yoloq.passes.plan_quantization import plan_quantization
 from yoloq.quantizers.fake_quantize import FakeQuantize
 from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import Recipe, RecipeError

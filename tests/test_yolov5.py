@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from yoloq.models.yolov5 import DEFAULT_ANCHORS, yolov5
+from yoloq.models.yolov5 import DEFAULT_ANCHORS
 from yoloq.models.zoo import BUILDERS, build
 
 # Unfused parameter counts (Conv + BN as trained). n: ../shared/data/SOURCES.md (yolov5n.pt) and

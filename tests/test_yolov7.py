@@ -3,11 +3,10 @@ re-parameterisation, head outputs, checkpoint round trip through the official la
 from __future__ import annotations
 
 import copy
-import sys
-import types
 
 import numpy
 import pytest
+from conftest import official_stand_ins
 import torch
 from torch import nn
 
@@ -164,15 +163,7 @@ OFFICIAL = {"YOLOv7": "models.yolo.Model", "IDetect": "models.yolo.IDetect",
 @pytest.fixture
 def official_classes(monkeypatch):
     """Stand-ins for the official modules, importable only while the test runs."""
-    classes = {}
-    for package in ("models", "models.yolo", "models.common"):
-        monkeypatch.setitem(sys.modules, package, types.ModuleType(package))
-    for ours, qualified in OFFICIAL.items():
-        module, name = qualified.rsplit(".", 1)
-        cls = type(name, (nn.Module,), {"__module__": module})
-        setattr(sys.modules[module], name, cls)
-        classes[ours] = cls
-    return classes
+    return official_stand_ins(monkeypatch, OFFICIAL)
 
 
 def _save_official_style(model: nn.Module, classes: dict, path, **model_attrs) -> None:

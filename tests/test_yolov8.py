@@ -30,16 +30,7 @@ ZOO = tuple(f"{family}{scale}{task}" for family, task in (("yolov8", ""), ("yolo
             for scale in "nsmlx")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """These small-batch convs gain nothing from intra-op threads, and on a shared, oversubscribed
-    CPU the threads' spin-waiting made a yolov8n forward 100x slower (2.5 s vs 20 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shapes(model: nn.Module) -> dict[str, torch.Size]:
