@@ -10,6 +10,15 @@
 
 A ``QuantizedLayer`` keeps the layer's qualified name, so recipes, reports and the visualizer
 still address ``model.2.cv1.conv``; the original module is its ``layer`` child.
+
+A BatchNorm left in the layer (QAT keeps it, see ``build_pipeline(qat=True)``) runs after the
+quantized conv. With ``fold_bn=True`` the layer instead simulates folding (Krishnamoorthi 2018,
+§3.2.2, as torch.ao's "approximate" ConvBn): with k = γ / sqrt(running var + ε) per channel,
+
+    y = BN(conv(x, Qw(W · k)) / k + b)
+
+BN uses batch statistics in training and running ones in evaluation, where this equals the folded
+conv ``conv(x, Qw(W·k)) + k·(b − μ) + β`` exactly: the quantizer sees the weight that will ship.
 """
 from __future__ import annotations
 
@@ -37,22 +46,63 @@ class QuantizedLayer(nn.Module):
         self.layer = layer
         self.weight_quant = weight_quant
         self.pre_act_quant = pre_act_quant
+        self.fold_bn = False  # simulate BN folding (module docstring); only with a BN and no weight transpose
 
-    def linear_part(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def bn(self) -> nn.BatchNorm2d | None:
+        return getattr(self.layer, "bn", None)
+
+    def bn_factor(self) -> torch.Tensor:
+        """k = γ / sqrt(running var + ε) per output channel (γ = 1 without affine)."""
+        bn = self.bn
+        k = torch.rsqrt(bn.running_var + bn.eps)
+        return k * bn.weight if bn.affine else k
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees: W, or W·k when folding is simulated."""
+        weight = self.layer.weight
+        if not self.fold_bn:
+            return weight
+        return weight * self.bn_factor().view(-1, *([1] * (weight.dim() - 1)))
+
+    @torch.no_grad()
+    def fold_simulated_bn_(self) -> QuantizedLayer:
+        """Make a simulated fold real (the evaluation form): weight W·k, bias k·(b − μ) + β, no BN.
+        Outputs in eval mode stay the same up to float rounding; the quantizer sees the same weight."""
+        if not self.fold_bn:
+            return self
+        bn, layer = self.bn, self.layer
+        k = self.bn_factor()
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(k)
+        layer.weight = nn.Parameter(self.effective_weight().detach(), requires_grad=layer.weight.requires_grad)
+        shift = bn.bias if bn.affine else torch.zeros_like(k)
+        layer.bias = nn.Parameter((k * (bias - bn.running_mean) + shift).detach())
+        layer.bn, self.fold_bn = None, False
+        return self
+
+    def linear_part(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         layer = self.layer
-        w = layer.weight if self.weight_quant is None else self.weight_quant(layer.weight)
+        w = self.effective_weight()
+        w = w if self.weight_quant is None else self.weight_quant(w)
+        b = layer.bias if bias else None
         if isinstance(layer, nn.ConvTranspose2d):
-            return F.conv_transpose2d(x, w, layer.bias, layer.stride, layer.padding, layer.output_padding,
+            return F.conv_transpose2d(x, w, b, layer.stride, layer.padding, layer.output_padding,
                                       layer.groups, layer.dilation)
         if isinstance(layer, nn.Conv2d):
-            return layer._conv_forward(x, w, layer.bias)
-        return F.linear(x, w, layer.bias)
+            return layer._conv_forward(x, w, b)
+        return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear_part(x)
-        bn, act = getattr(self.layer, "bn", None), getattr(self.layer, "act", None)
-        if bn is not None:
+        bn, act = self.bn, getattr(self.layer, "act", None)
+        if self.fold_bn:
+            y = self.linear_part(x, bias=False) / self.bn_factor().view(1, -1, 1, 1)
+            if self.layer.bias is not None:
+                y = y + self.layer.bias.view(1, -1, 1, 1)
             y = bn(y)
+        else:
+            y = self.linear_part(x)
+            if bn is not None:
+                y = bn(y)
         if act is None:
             return y
         if self.pre_act_quant is not None:

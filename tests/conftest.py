@@ -76,3 +76,33 @@ def executed_convs(model: nn.Module, x: torch.Tensor) -> tuple[set[str], object]
 
 def graph_module_targets(gm, cls=nn.Conv2d) -> set[str]:
     return {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)}
+
+
+def write_toy_dataset(root: pathlib.Path, images: int = 8, size: int = 96, nc: int = 4, seed: int = 0) -> pathlib.Path:
+    """A YOLO-format dataset of coloured rectangles on noise, one class per colour; returns its data.yaml."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = [(230, 40, 40), (40, 200, 40), (40, 60, 230), (230, 220, 40)]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        pixels = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        lines = []
+        for _ in range(int(rng.integers(1, 4))):
+            cls = int(rng.integers(0, nc))
+            w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            pixels[y:y + h, x:x + w] = colours[cls % len(colours)]
+            lines.append(f"{cls} {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+        Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
+        (root / "labels" / f"{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    names = "".join(f"\n  {c}: c{c}" for c in range(nc))
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images\nval: images\nnc: {nc}\nnames:{names}\n")
+    return root / "data.yaml"
+
+
+@pytest.fixture
+def toy_dataset(tmp_path) -> pathlib.Path:
+    return write_toy_dataset(tmp_path / "toy")

@@ -207,11 +207,11 @@ class TrainDataset:
 
     def batches(self, batch_size: int, shuffle: bool = True, epoch: int = 0,
                 drop_last: bool = False, workers: int = 2, rank: int = 0,
-                world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, list | None]]:
+                world_size: int = 1, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, list | None]]:
         """Collated batches of this rank's share of ``epoch``; samples decode on ``workers`` threads.
 
         Samples use ``epoch`` (not ``set_epoch``'s), so the batches are the same whatever the
-        number of workers.
+        number of workers. ``start`` skips the epoch's first batches without decoding them (resume).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -219,6 +219,7 @@ class TrainDataset:
         groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if drop_last and groups and len(groups[-1]) < batch_size:
             groups.pop()
+        groups = groups[start:]
         if workers <= 0:
             for group in groups:
                 yield collate([self.sample(i, epoch) for i in group])

@@ -8,6 +8,7 @@ import torch
 
 from yoloq.passes.concrete_tracer import CaptureError, GuardError
 from yoloq.pipeline import PassError
+from yoloq.tools.qat_hook import TrainingDiverged
 
 
 def _graph(args: argparse.Namespace) -> int:
@@ -62,6 +63,12 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qat(args: argparse.Namespace) -> int:
+    from yoloq.tools.qat import main_qat
+
+    return main_qat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloq", description="Quantize YOLO detectors with a torch.fx pass pipeline.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -90,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.set_defaults(run=_quantize)
     evaluate = verbs.add_parser("eval", help="COCO mAP of a model on a YOLO-format dataset (pycocotools)")
     add_eval_arguments(evaluate).set_defaults(run=_eval)
+    qat = verbs.add_parser("qat", help="quantization-aware training (LSQ, BN kept), resumable, torchrun-ready")
+    from yoloq.tools.qat import add_qat_arguments
+
+    add_qat_arguments(qat)
+    qat.set_defaults(run=_qat)
     return parser
 
 
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, TypeError, PassError, CaptureError, GuardError) as exc:
+    except (ValueError, FileNotFoundError, TypeError, PassError, CaptureError, GuardError, TrainingDiverged) as exc:
         print(f"yoloq {args.verb}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -89,15 +89,20 @@ def run_pipeline(
     return gm, records
 
 
-def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any] | None = None) -> tuple[Any, ...]:
+def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any] | None = None,
+                   qat: bool = False) -> tuple[Any, ...]:
     """The one place that knows pass order. ``stage`` names how far the rewrite goes:
     ``captured`` < ``folded`` < ``fused`` < ``quantized`` (needs ``recipe``) < ``calibrated``
-    (needs ``recipe`` and ``calib`` batches)."""
+    (needs ``recipe`` and ``calib`` batches).
+
+    ``qat=True`` prepares for quantization-aware training: BatchNorm is not folded into the float
+    weights (it stays after the quantized conv, or is fold-simulated per ``recipe.qat_batchnorm``)."""
     from yoloq.passes.calibrate import calibrate
     from yoloq.passes.fold_conv_bn import fold_conv_bn
     from yoloq.passes.fuse_conv_act import fuse_conv_act
     from yoloq.passes.insert_quantizers import insert_quantizers
     from yoloq.passes.plan_quantization import plan_quantization
+    from yoloq.passes.qat_batchnorm import qat_batchnorm
 
     order = ("captured", "folded", "fused", "quantized", "calibrated")
     if stage not in order:
@@ -106,9 +111,12 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
         raise ValueError(f"pipeline stage {stage!r} needs a recipe")
     if stage == "calibrated" and calib is None:
         raise ValueError("pipeline stage 'calibrated' needs calibration batches (calib)")
-    steps: list[tuple[str, Any]] = [("folded", fold_conv_bn), ("fused", fuse_conv_act)]
+    steps: list[tuple[str, Any]] = [] if qat else [("folded", fold_conv_bn)]
+    steps.append(("fused", fuse_conv_act))
     if recipe is not None:
         steps += [("quantized", plan_quantization(recipe)), ("quantized", insert_quantizers)]
+        if qat:
+            steps.append(("quantized", qat_batchnorm(recipe.qat_batchnorm)))
     if calib is not None:
         steps.append(("calibrated", calibrate(calib)))
     return tuple(p for step, p in steps if order.index(step) <= order.index(stage))

@@ -20,6 +20,7 @@ from yoloq.passes.capture import Decoder, capture
 from yoloq.pipeline import PassRecord, build_pipeline, run_pipeline
 from yoloq.recipe import Recipe, load_recipe
 from yoloq.report import QuantReport, build_report
+from yoloq.tools.heads import HeadLayout, HeadLayoutError
 
 REPORT_IMAGES = 2  # images of the first calibration batch the SQNR report runs on
 
@@ -30,13 +31,15 @@ class QuantizedModel(nn.Module):
     ``yoloq.evaluate`` takes it like any detector; ``report`` lists every quantizer."""
 
     def __init__(self, graph_module: fx.GraphModule, decoder: Decoder, recipe: Recipe,
-                 report: QuantReport | None = None, records: tuple[PassRecord, ...] = ()):
+                 report: QuantReport | None = None, records: tuple[PassRecord, ...] = (),
+                 head: HeadLayout | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.decoder = decoder
         self.recipe = recipe
         self.report = report
         self.records = records
+        self.head = head  # what the raw outputs mean, for training losses (None: unknown head)
 
     def forward(self, x: torch.Tensor):
         return self.decoder(self.graph_module(x))
@@ -79,12 +82,29 @@ def quantize(model, recipe: Recipe | str | os.PathLike = "w8a8", example_inputs=
 
     ``example_inputs`` fixes the traced input (default: the first calibration image); sizes and
     batch sizes stay free where the model's code keeps them symbolic (see ``capture``)."""
+    return _build(model, recipe, example_inputs, calib, num_images, imgsz, batch, boundary, qat=False)
+
+
+def prepare_qat(model, recipe: Recipe | str | os.PathLike = "w4a4", example_inputs=None, calib=None, *,
+                num_images: int = 32, imgsz: int = 640, batch: int = 8, boundary=None) -> QuantizedModel:
+    """``quantize`` for quantization-aware training: BatchNorm stays after each quantized conv
+    (or is fold-simulated, per ``recipe.qat_batchnorm``), quantizers start from calibrated ranges,
+    and ``QuantizedModel.head`` tells the trainer how to build the loss. Train it with
+    ``yoloq.tools.qat.train_qat`` or attach a ``QATHook`` to a loop of your own."""
+    return _build(model, recipe, example_inputs, calib, num_images, imgsz, batch, boundary, qat=True)
+
+
+def _build(model, recipe, example_inputs, calib, num_images, imgsz, batch, boundary, qat: bool) -> QuantizedModel:
     recipe = load_recipe(recipe)
     network = unwrap_model(model)
     batches = calibration_batches(calib, num_images, imgsz, batch)
     example = example_inputs if example_inputs is not None else batches[0][:1]
     captured = capture(network, example, boundary)
-    passes = build_pipeline("calibrated", recipe=recipe, calib=batches)
+    passes = build_pipeline("calibrated", recipe=recipe, calib=batches, qat=qat)
     gm, records = run_pipeline(captured.graph_module, passes)
     report = build_report(gm, batches[0][:REPORT_IMAGES])
-    return QuantizedModel(gm, captured.decoder, recipe, report, tuple(records))
+    try:
+        head = HeadLayout.from_model(network)
+    except HeadLayoutError:
+        head = None
+    return QuantizedModel(gm, captured.decoder, recipe, report, tuple(records), head)

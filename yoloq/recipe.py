@@ -33,6 +33,10 @@ from yoloq.quantizers.spec import QuantSpec, SpecError
 
 ROLES = ("first", "head", "concat_input")
 CONCAT_POLICIES = ("shared", "requantize")
+# How a conv's BatchNorm trains during QAT (PTQ always folds it into the float weights first):
+# "separate" keeps BN its own op after the quantized conv (the seed paper's choice); "fold_simulated"
+# quantizes the BN-folded weight and corrects with batch statistics (Krishnamoorthi 2018, §3.2.2).
+QAT_BATCHNORM = ("separate", "fold_simulated")
 LAYER_KINDS = ("weight", "activation", "pre_activation")  # the spec kinds an override can set
 
 _PRESET_DIR = resources.files("yoloq").joinpath("presets")
@@ -116,6 +120,7 @@ class Recipe:
     input: QuantSpec = QuantSpec(bits=8, signed=False, symmetric=False)
     overrides: tuple[Override, ...] = ()
     concat_policy: str = "shared"
+    qat_batchnorm: str = "separate"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -133,6 +138,8 @@ class Recipe:
                                   f"(build recipes from dicts with Recipe.from_dict)")
         if self.concat_policy not in CONCAT_POLICIES:
             raise RecipeError(f"concat_policy: {self.concat_policy!r} is not one of {list(CONCAT_POLICIES)}")
+        if self.qat_batchnorm not in QAT_BATCHNORM:
+            raise RecipeError(f"qat_batchnorm: {self.qat_batchnorm!r} is not one of {list(QAT_BATCHNORM)}")
 
     def resolve(self, name: str, roles: frozenset[str] | set[str] = frozenset()) -> LayerSpecs:
         """The specs of layer ``name`` with planner-assigned ``roles``: defaults, then overrides in order."""
@@ -162,6 +169,7 @@ class Recipe:
             "name": self.name,
             **{kind: getattr(self, kind).to_dict() for kind in (*LAYER_KINDS, "input")},
             "concat_policy": self.concat_policy,
+            "qat_batchnorm": self.qat_batchnorm,
             "overrides": [override.to_dict() for override in self.overrides],
         }
 

@@ -70,6 +70,7 @@ def save(qm: nn.Module, path: str | os.PathLike) -> SavedSize:
     skeleton = copy.deepcopy(qm)
     packed = {}
     for name, layer in _quantized_layers(skeleton):
+        layer.fold_simulated_bn_()  # the weight the quantizer saw becomes the stored one
         packed[name] = _pack_layer(layer)
         layer.layer.weight = nn.Parameter(torch.empty(0), requires_grad=layer.layer.weight.requires_grad)
     buffer = io.BytesIO()
