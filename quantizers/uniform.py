@@ -75,14 +75,39 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
                   qmin: int, qmax: int) -> torch.Tensor:
     """``dequantize(quantize(x))`` with the STE: gradient w.r.t. ``x`` is exactly 1 where
     ``qmin <= round(x/s) + z <= qmax`` and 0 where the clamp acts. ``s, z`` get no gradient."""
-    with torch.no_grad():
-        unclamped = torch.round(x / scale) + zero_point
-        inside = (unclamped >= qmin) & (unclamped <= qmax)
-        value = (torch.clamp(unclamped, qmin, qmax) - zero_point) * scale
     if not x.requires_grad:
+        with torch.no_grad():
+            return _ste_forward(x, scale, zero_point, qmin, qmax)[0]
+    return _SteFakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+
+
+def _ste_forward(x, scale, zero_point, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fake-quantized x, mask where the clamp did not act); the zero point is skipped when it is 0."""
+    centred = isinstance(zero_point, (int, float)) and zero_point == 0
+    unclamped = torch.round(x / scale)
+    if not centred:
+        unclamped = unclamped + zero_point
+    clamped = torch.clamp(unclamped, qmin, qmax)
+    inside = clamped == unclamped
+    if not centred:
+        clamped = clamped - zero_point
+    return clamped * scale, inside
+
+
+class _SteFakeQuantize(torch.autograd.Function):
+    """One saved mask instead of autograd's graph of the masked identity: training stays cheap."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        with torch.no_grad():
+            value, inside = _ste_forward(x, scale, zero_point, qmin, qmax)
+        ctx.save_for_backward(inside)
         return value
-    # value + 0 keeps the forward bit-exact; the masked identity carries the gradient.
-    return value + (x - x.detach()) * inside
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
 
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
@@ -113,12 +138,40 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     """
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x.numel() / scale.numel(), qmax)
-    scale = grad_scale(scale, grad_factor)
-    v = x / scale
     low, high = qmin - zero_point, qmax - zero_point
-    # where, not clamp: a tensor bound would share the gradient at a tie; here an end is an end.
-    clipped = torch.where(v <= low, low, torch.where(v >= high, high, v))
-    return round_pass(clipped) * scale
+    return _LsqFakeQuantize.apply(x, scale, low, high, grad_factor)
+
+
+class _LsqFakeQuantize(torch.autograd.Function):
+    """``round(clamp(x/s, lo, hi)) · s`` with LSQ's gradients written out (Esser et al. 2020, eq. 3):
+
+        ∂x̂/∂x = 1 inside (lo < x/s < hi), 0 outside
+        ∂x̂/∂s = round(x/s) − x/s inside, lo below, hi above;  then times g
+
+    with the mask and ∂x̂/∂s saved from the forward's own passes instead of autograd's graph of
+    divisions, wheres and straight-through terms (the values are the same)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, low, high, grad_factor):
+        v = x / scale
+        clamped = torch.clamp(v, low, high)
+        rounded = torch.round(clamped)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # Saved from the forward's own passes; ends are ends (v == lo counts as below).
+            inside = (v > low) & (v < high)
+            d_scale = torch.where(inside, rounded - v, clamped) if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(inside, d_scale)
+            ctx.scale_shape, ctx.grad_factor = scale.shape, grad_factor
+        return rounded * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, d_scale = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (grad * d_scale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
+        return grad_x, grad_s, None, None, None
 
 
 def lsq_plus_fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

@@ -78,8 +78,10 @@ def graph_module_targets(gm, cls=nn.Conv2d) -> set[str]:
     return {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)}
 
 
-def write_toy_dataset(root: pathlib.Path, images: int = 8, size: int = 96, nc: int = 4, seed: int = 0) -> pathlib.Path:
-    """A YOLO-format dataset of coloured rectangles on noise, one class per colour; returns its data.yaml."""
+def write_toy_dataset(root: pathlib.Path, images: int = 8, size: int = 96, nc: int = 4, seed: int = 0,
+                      polygons: bool = False) -> pathlib.Path:
+    """A YOLO-format dataset of coloured rectangles on noise, one class per colour; returns its
+    data.yaml. ``polygons``: label lines are the rectangles' corner polygons (segmentation format)."""
     import numpy as np
     from PIL import Image
 
@@ -95,7 +97,11 @@ def write_toy_dataset(root: pathlib.Path, images: int = 8, size: int = 96, nc: i
             w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
             x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             pixels[y:y + h, x:x + w] = colours[cls % len(colours)]
-            lines.append(f"{cls} {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+            if polygons:
+                corners = [(x, y), (x + w, y), (x + w, y + h), (x, y + h)]
+                lines.append(f"{cls} " + " ".join(f"{px / size:.6f} {py / size:.6f}" for px, py in corners))
+            else:
+                lines.append(f"{cls} {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
         Image.fromarray(pixels).save(root / "images" / f"{i:03d}.png")
         (root / "labels" / f"{i:03d}.txt").write_text("\n".join(lines) + "\n")
     names = "".join(f"\n  {c}: c{c}" for c in range(nc))

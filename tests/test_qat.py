@@ -212,3 +212,21 @@ def test_cli_qat_trains_and_resumes(toy_dataset, tmp_path, capsys):
     assert load_checkpoint(out / "last.pt")["step"] == 2
     assert main(resume[:2] + [str(out / "last.pt"), "--recipe", "w8a8"] + resume[3:]) == 2
     assert "trained with recipe 'w4a4'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolov8n-seg", "yolov5n-seg"])
+def test_segmentation_models_train_with_mask_loss(name, tmp_path):
+    from conftest import write_toy_dataset
+    from yoloq.models.zoo import build
+
+    data = write_toy_dataset(tmp_path / "seg", images=4, polygons=True)
+    calib = [images for images, _, _ in TrainDataset(data, IMGSZ, augment=False, segments=True).batches(4, workers=0)]
+    recipe = Recipe.from_dict({**Recipe.preset("w4a4").to_dict(), "weight": {"bits": 4, "granularity": "per_channel",
+                                                                             "learned": "lsq"}})
+    qm = yoloq.prepare_qat(build(name, nc=4), recipe, calib=calib)
+    assert qm.head.segmentation
+    result = train_qat(qm, data, dataclasses_replace(CONFIG, max_steps=2), progress=False)
+    assert result.steps == 2 and "seg" in result.parts[-1]
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.parts[-1]["seg"] > 0

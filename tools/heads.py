@@ -137,7 +137,8 @@ class HeadLayout:
         if self.kind == "anchor":
             gains = losses.anchor_based.yolov5_scaled_gains(self.nl, self.nc, imgsz)
             args = (torch.tensor(self.anchors_px), torch.tensor(self.strides), self.nc)
-            loss = (losses.AnchorSegLoss(*args, **gains) if self.segmentation else losses.AnchorLoss(*args, **gains))
+            loss = (losses.AnchorSegLoss(*args, nm=self.nm, **gains) if self.segmentation
+                    else losses.AnchorLoss(*args, **gains))
         else:
             min_side = self.strides[1] if self.nl > 1 else 0.0  # as Ultralytics >= 8.4
             args = (torch.tensor(self.strides), self.nc, self.reg_max)

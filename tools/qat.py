@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from yoloq.tools.data import labels_are_polygons
 from yoloq.tools.qat_hook import QATHook, network_of
 from yoloq.tools.train_data import AugmentConfig, TrainDataset
 
@@ -202,8 +203,13 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     network = network_of(model)
     rank, world = distributed()
     criterion = loss if loss is not None else _default_loss(model, config.imgsz)
+    polygons = labels_are_polygons(data, "train")
+    needs_masks = _needs_masks(model)
+    if needs_masks and not polygons and loss is None:
+        raise QATError(f"{data}: a segmentation model trains on polygon labels ('cls x1 y1 x2 y2 ...'); "
+                       "these label files hold boxes")
     dataset = TrainDataset(data, config.imgsz, augment=config.augment, mosaic=config.mosaic, seed=config.seed,
-                           hyp=AugmentConfig.from_dict(config.hyp), segments=_needs_masks(model),
+                           hyp=AugmentConfig.from_dict(config.hyp), segments=polygons,
                            max_images=config.max_images)
     steps_per_epoch = math.ceil(len(dataset.sampler_indices(0, rank, world)) / config.batch)
     total = config.epochs * steps_per_epoch
@@ -242,7 +248,7 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                                                              rank=rank, world_size=world, start=first):
                 if step >= total:
                     break
-                masks = _masks(criterion, segments, targets, images)
+                masks = _masks(criterion, segments, targets, images) if needs_masks else None
                 outputs = trainable(images)
                 total_loss, parts = criterion(outputs, targets, masks) if masks is not None \
                     else criterion(outputs, targets)

@@ -61,12 +61,13 @@ def calibration_batches(calib, num_images: int = 32, imgsz: int = 640, batch: in
         raise CalibrationError("calib is required: an iterable of B x 3 x H x W image batches in [0, 1], "
                                "or the path of a data.yaml (with num_images)")
     if isinstance(calib, (str, os.PathLike)):
-        from yoloq.tools.data import YoloDataset
+        from yoloq.tools.data import YoloDataset, labels_are_polygons
 
         path = Path(calib)
         if path.suffix not in (".yaml", ".yml"):
             raise CalibrationError(f"calib {path}: expected a data.yaml path")
-        dataset = YoloDataset(path, "train", imgsz=imgsz, batch=batch, rect=False, max_images=num_images)
+        dataset = YoloDataset(path, "train", imgsz=imgsz, batch=batch, rect=False, max_images=num_images,
+                              segments=labels_are_polygons(path, "train"))
         return check_batches(images for images, _, _ in dataset.batches())
     if isinstance(calib, torch.Tensor):
         calib = [calib]
