@@ -153,3 +153,24 @@ def test_max_keep_stops_early_with_the_same_first_boxes(max_keep):
     scores = torch.rand(600, generator=g)
     full = nms(boxes, scores, 0.5, block=64)
     assert torch.equal(nms(boxes, scores, 0.5, block=64, max_keep=max_keep), full[:max_keep])
+
+
+@pytest.mark.parametrize("objectness", [False, True])
+def test_mask_coefficients_ride_along(objectness):
+    # Three boxes of two classes, each row followed by nm = 3 coefficients that name the row.
+    boxes = [(0, 0, 10, 10), (1, 0, 11, 10), (30, 30, 40, 40)]
+    rows = torch.from_numpy(_prediction(boxes, nc=2, seed=0, objectness=objectness))
+    coefs = torch.arange(3.0)[:, None] * 10 + torch.arange(3.0)
+    with_coefs = torch.cat((rows, coefs), 1)[None]
+    plain = rows[None]
+    if not objectness:
+        with_coefs, plain = with_coefs.transpose(1, 2), plain.transpose(1, 2)
+    layout = "anchors" if objectness else "anchor_free"
+    expected = non_max_suppression(plain, 0.05, 0.5, layout=layout)[0]
+    got = non_max_suppression(with_coefs, 0.05, 0.5, layout=layout, nm=3)[0]
+    assert got.shape == (len(expected), 9) and torch.equal(got[:, :6], expected)
+    source = [[float(box[0]) for box in boxes].index(row[0].item()) for row in got]  # x1 names the box
+    assert torch.equal(got[:, 6:], coefs[source])
+    with pytest.raises(ValueError, match="nm = 3 leaves no class scores"):
+        non_max_suppression(with_coefs[..., :6] if objectness else with_coefs[:, :6], 0.05, 0.5,
+                            layout=layout, nm=3)

@@ -1,7 +1,8 @@
-"""COCO-style evaluation of detections on a YOLO-format dataset.
+"""COCO-style evaluation of detections (and instance masks) on a YOLO-format dataset.
 
-mAP comes from pycocotools' COCOeval (bbox) against a ground-truth JSON converted once from the
-dataset's label files and cached under a name that hashes them. Precision and recall come from
+mAP comes from pycocotools' COCOeval (bbox, and segm when the labels are polygons and the model
+predicts masks) against a ground-truth JSON converted once from the dataset's label files and
+cached under a name that hashes them. Precision and recall come from
 YOLOv5's own matching (``val.py`` ``process_batch`` + ``metrics.ap_per_class``): predictions
 matched to labels at IoU 0.5, then P and R per class at the confidence where the mean F1 over
 classes is highest, averaged over the classes that have labels. pycocotools reports no such
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from yoloq.tools.data import YoloDataset
+from yoloq.tools.mask_eval import polygon_annotation
 from yoloq.tools.nms import box_iou, xywh_to_xyxy
 
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
@@ -28,13 +30,18 @@ IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 
 @dataclass(frozen=True)
 class Metrics:
-    """Detection accuracy; ``per_class`` maps each class present in the labels to its AP50-95."""
+    """Detection accuracy; ``per_class`` maps each class present in the labels to its box AP50-95.
+
+    The mask mAPs are those of a segmentation model on polygon labels, None otherwise.
+    """
 
     map50_95: float
     map50: float
     precision: float
     recall: float
     per_class: dict[str, float]
+    mask_map50_95: float | None = None
+    mask_map50: float | None = None
 
 
 def default_cache_dir() -> Path:
@@ -44,24 +51,35 @@ def default_cache_dir() -> Path:
 
 
 def ground_truth_dict(dataset: YoloDataset) -> dict:
-    """The dataset's labels as a COCO ground-truth dict: pixel xywh boxes, ids = filename order."""
+    """The dataset's labels as a COCO ground-truth dict: pixel xywh boxes, ids = filename order.
+
+    With polygon labels each annotation also carries its polygon, and its area is the polygon's
+    (COCO's convention) rather than the box's.
+    """
     images, annotations = [], []
     for record in sorted(dataset.records, key=lambda r: dataset.image_ids[r.image]):
         image_id = dataset.image_ids[record.image]
         images.append({"id": image_id, "file_name": record.image.name,
                        "width": record.width, "height": record.height})
-        for cls, xc, yc, w, h in record.labels.tolist():
+        polygons = dataset.segments[record.image] if dataset.segments is not None else None
+        for k, (cls, xc, yc, w, h) in enumerate(record.labels.tolist()):
             box = [(xc - w / 2) * record.width, (yc - h / 2) * record.height,
                    w * record.width, h * record.height]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": int(cls), "bbox": box, "area": box[2] * box[3],
-                                "iscrowd": 0})
+            annotation = {"id": len(annotations) + 1, "image_id": image_id,
+                          "category_id": int(cls), "bbox": box, "area": box[2] * box[3],
+                          "iscrowd": 0}
+            if polygons is not None:
+                annotation["segmentation"], annotation["area"] = polygon_annotation(
+                    polygons[k], record.width, record.height)
+            annotations.append(annotation)
     categories = [{"id": i, "name": name} for i, name in enumerate(dataset.names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def _labels_hash(dataset: YoloDataset) -> str:
     digest = hashlib.sha256(json.dumps(dataset.names).encode())
+    if dataset.segments is not None:  # the same files make a different JSON read as polygons
+        digest.update(b"polygons")
     for record in sorted(dataset.records, key=lambda r: dataset.image_ids[r.image]):
         digest.update(f"{record.image.name}:{record.width}x{record.height}:".encode())
         digest.update(record.label_file.read_bytes() if record.has_label_file else b"-")
@@ -155,45 +173,67 @@ class CocoEvaluator:
         self._coco_rows: list[np.ndarray] = []
         self._stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._target_cls: list[np.ndarray] = []
+        self._mask_results: list[dict] | None = None  # None until an update brings masks
 
-    def update(self, record, det: torch.Tensor) -> None:
-        """Add one image's detections, (n, 6) ``x1 y1 x2 y2 conf cls`` in original pixels."""
-        det = det.detach().to("cpu", torch.float64)
+    def update(self, record, det: torch.Tensor, masks: list[dict] | None = None) -> None:
+        """Add one image's detections, (n, 6) ``x1 y1 x2 y2 conf cls`` in original pixels, and
+        optionally their masks as COCO run-length encodings (``mask_eval.encode_masks``)."""
+        det = det[:, :6].detach().to("cpu", torch.float64)
         labels = torch.from_numpy(record.labels)
         scale = torch.tensor([record.width, record.height] * 2, dtype=torch.float64)
         gt_boxes = xywh_to_xyxy(labels[:, 1:5]) * scale
         correct = match_predictions(det, labels[:, 0], gt_boxes)
         self._stats.append((correct, det[:, 4], det[:, 5]))
         self._target_cls.append(record.labels[:, 0])
-        image_id = np.full((len(det), 1), self.dataset.image_ids[record.image], dtype=np.float64)
+        image_id = self.dataset.image_ids[record.image]
         xywh = torch.cat((det[:, :2], det[:, 2:4] - det[:, :2]), 1).numpy()
-        self._coco_rows.append(np.concatenate((image_id, xywh, det[:, 4:6].numpy()), 1))
+        ids = np.full((len(det), 1), image_id, dtype=np.float64)
+        self._coco_rows.append(np.concatenate((ids, xywh, det[:, 4:6].numpy()), 1))
+        if masks is not None:
+            if len(masks) != len(det):
+                raise ValueError(f"{len(masks)} masks for {len(det)} detections")
+            self._mask_results = self._mask_results if self._mask_results is not None else []
+            self._mask_results += [
+                {"image_id": image_id, "segmentation": rle, "score": float(conf), "category_id": int(cls)}
+                for rle, conf, cls in zip(masks, det[:, 4].tolist(), det[:, 5].tolist())]
 
     def yolo_statistics(self) -> tuple[float, float, np.ndarray]:
-        """YOLOv5-style (P, R, per-class AP over IoU 0.5:0.95) of the detections so far."""
+        """YOLOv5-style (P, R, per-class AP over IoU 0.5:0.95) of the box detections so far."""
         tp, conf, cls = (torch.cat(x).numpy() for x in zip(*self._stats))
         return precision_recall(tp.astype(np.float64), conf, cls, np.concatenate(self._target_cls))
 
     def compute(self) -> Metrics:
-        """Score everything added so far; pycocotools' own printing is swallowed."""
+        """Score everything added so far; pycocotools' own printing is swallowed.
+
+        Mask mAPs are computed when updates brought masks and the labels are polygons.
+        """
         precision, recall, _ = self.yolo_statistics()
         rows = np.concatenate(self._coco_rows)
+        with_masks = self._mask_results is not None and self.dataset.segments is not None
         if len(rows) == 0:
-            return Metrics(0.0, 0.0, precision, recall, self._present_classes(None))
+            mask = 0.0 if with_masks else None
+            return Metrics(0.0, 0.0, precision, recall, self._present_classes(None), mask, mask)
+        boxes = [{"image_id": int(r[0]), "bbox": r[1:5].tolist(), "score": float(r[5]),
+                  "category_id": int(r[6])} for r in rows]
+        stats, per_class_precision = self._coco_eval(boxes, "bbox")
+        mask_map50_95 = mask_map50 = None
+        if with_masks:
+            mask_map50_95, mask_map50 = (self._coco_eval(self._mask_results, "segm")[0][:2]
+                                         if self._mask_results else (0.0, 0.0))
+        return Metrics(stats[0], stats[1], precision, recall, self._present_classes(per_class_precision),
+                       mask_map50_95, mask_map50)
+
+    def _coco_eval(self, results: list[dict], iou_type: str) -> tuple[list[float], np.ndarray]:
+        """pycocotools' (mAP50-95, mAP50, ...) and (T, R, K) precision at area all, 100 detections."""
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
         with contextlib.redirect_stdout(io.StringIO()):
             gt = COCO(str(ground_truth_json(self.dataset, self.cache_dir)))
-            predictions = gt.loadRes([
-                {"image_id": int(r[0]), "bbox": r[1:5].tolist(), "score": float(r[5]),
-                 "category_id": int(r[6])} for r in rows])
-            coco_eval = COCOeval(gt, predictions, "bbox")
+            coco_eval = COCOeval(gt, gt.loadRes(results), iou_type)
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-        per_class_precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # area all, 100 dets
-        return Metrics(float(coco_eval.stats[0]), float(coco_eval.stats[1]), precision, recall,
-                       self._present_classes(per_class_precision))
+        return [float(v) for v in coco_eval.stats], coco_eval.eval["precision"][:, :, :, 0, -1]
 
     def _present_classes(self, precision: np.ndarray | None) -> dict[str, float]:
         present = np.unique(np.concatenate(self._target_cls)).astype(int)

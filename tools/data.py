@@ -243,12 +243,14 @@ class YoloDataset:
     """Images and labels of one split, served in letterboxed batches.
 
     In rectangular mode ``records`` are in YOLOv5's aspect-sorted order; ``image_ids`` gives each
-    record's index in filename order, which is stable whatever the batch size.
+    record's index in filename order, which is stable whatever the batch size. With
+    ``segments=True`` the label files are polygons (boxes are their extents) and ``segments`` maps
+    each image path to its (k, 2) normalised polygons, in label order; otherwise it is None.
     """
 
     def __init__(self, data_yaml: str | os.PathLike, split: str = "val", imgsz: int = 640,
                  batch: int = 1, rect: bool = True, stride: int = 32,
-                 max_images: int | None = None):
+                 max_images: int | None = None, segments: bool = False):
         self.config = load_data_config(data_yaml)
         sources = getattr(self.config, split)
         if not sources:
@@ -256,7 +258,13 @@ class YoloDataset:
         images = list_images(sources)[:max_images]
         if not images:
             raise DatasetError(f"{', '.join(map(str, sources))}: no images found")
-        by_name = scan_images(images, self.config.nc)
+        if segments:
+            from yoloq.tools.train_data import scan_polygons  # train_data imports this module
+
+            by_name, polygons = scan_polygons(images, self.config.nc)
+            self.segments = {record.image: p for record, p in zip(by_name, polygons)}
+        else:
+            by_name, self.segments = scan_images(images, self.config.nc), None
         self.image_ids = {r.image: i for i, r in enumerate(by_name)}
         self.imgsz, self.batch, self.rect = imgsz, batch, rect
         if rect:
@@ -294,3 +302,15 @@ class YoloDataset:
                 stacked = np.stack([image for image, _ in loaded])
                 images = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255)
                 yield images, [self.records[i] for i in indices], [lb for _, lb in loaded]
+
+
+def labels_are_polygons(data_yaml: str | os.PathLike, split: str = "val") -> bool:
+    """Whether the split's label files hold polygons: the first label line decides (more than
+    5 numbers: ``cls x1 y1 x2 y2 x3 y3 ...``)."""
+    config = load_data_config(data_yaml)
+    for image in list_images(getattr(config, split)):
+        label_file = label_path_for(image)
+        if label_file.is_file():
+            for _, values in numbered_lines(label_file):
+                return len(values) > 5
+    return False

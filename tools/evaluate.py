@@ -5,6 +5,11 @@ mode, multi-label class-aware NMS at conf 0.001 / IoU 0.6 with at most 300 boxes
 mapped back to original pixels, then ``CocoEvaluator``. Any ``nn.Module`` works whose eval output
 is a prediction tensor in either YOLO layout, or a tuple/list whose first element is one (as
 YOLOv5's ``(pred, raw)``).
+
+Segmentation models give prototypes too, as ``((pred, protos), raw)`` (YOLOv8/11-seg) or
+``(pred, protos, raw)`` (YOLOv5-seg), with nm = ``protos.shape[1]`` mask coefficients at the end of
+every prediction row. NMS carries the coefficients along, and when the dataset's labels are
+polygons each kept detection's mask (``mask_eval``) is scored too: the result then has mask mAPs.
 """
 from __future__ import annotations
 
@@ -16,17 +21,29 @@ from torch import nn
 from tqdm import tqdm
 
 from yoloq.tools.coco_eval import CocoEvaluator, Metrics
-from yoloq.tools.data import YoloDataset
+from yoloq.tools.data import YoloDataset, labels_are_polygons
+from yoloq.tools.mask_eval import mask_encodings
 from yoloq.tools.nms import non_max_suppression
 
 
-def _prediction(output) -> torch.Tensor:
+def _is_protos(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() == 4
+
+
+def _prediction(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prediction tensor of an eval output, and the prototypes of a segmentation model."""
+    protos = None
     if isinstance(output, (tuple, list)):
-        output = output[0]
+        first = output[0]
+        if isinstance(first, (tuple, list)) and len(first) == 2 and _is_protos(first[1]):
+            first, protos = first  # ((pred, protos), raw)
+        elif len(output) > 2 and _is_protos(output[1]):
+            protos = output[1]  # (pred, protos, raw)
+        output = first
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"the model returned {type(output).__name__}; expected a prediction "
                         "tensor or a tuple/list whose first element is one")
-    return output
+    return output, protos
 
 
 def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -40,7 +57,8 @@ def _model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def evaluate(model: nn.Module, data_yaml: str | os.PathLike, imgsz: int = 640, batch: int = 1,
              conf: float = 0.001, iou: float = 0.6, max_images: int | None = None,
              cache_dir: str | os.PathLike | None = None, *, rect: bool = True) -> Metrics:
-    """mAP50-95, mAP50, P, R and per-class AP of ``model`` on the data.yaml's val split.
+    """mAP50-95, mAP50, P, R and per-class AP of ``model`` on the data.yaml's val split, and the
+    mask mAPs of a segmentation model on polygon labels.
 
     ``max_images`` keeps the first N images in filename order (a quick look, not a benchmark);
     ``cache_dir`` holds the converted COCO ground truth (default: see ``default_cache_dir``).
@@ -49,7 +67,7 @@ def evaluate(model: nn.Module, data_yaml: str | os.PathLike, imgsz: int = 640, b
     if imgsz % 32 or imgsz <= 0:
         raise ValueError(f"imgsz must be a positive multiple of 32, got {imgsz}")
     dataset = YoloDataset(data_yaml, "val", imgsz=imgsz, batch=batch, rect=rect,
-                          max_images=max_images)
+                          max_images=max_images, segments=labels_are_polygons(data_yaml))
     evaluator = CocoEvaluator(dataset, cache_dir)
     device, dtype = _model_placement(model)
     was_training = model.training
@@ -58,21 +76,32 @@ def evaluate(model: nn.Module, data_yaml: str | os.PathLike, imgsz: int = 640, b
         with torch.inference_mode():
             for images, records, boxes_maps in tqdm(dataset.batches(), total=dataset.num_batches(),
                                                     desc="eval", unit="batch", leave=False):
-                prediction = _prediction(model(images.to(device, dtype)))
-                detections = non_max_suppression(prediction.float(), conf, iou)
-                for record, boxes_map, det in zip(records, boxes_maps, detections):
+                prediction, protos = _prediction(model(images.to(device, dtype)))
+                nm = 0 if protos is None else protos.shape[1]
+                detections = non_max_suppression(prediction.float(), conf, iou, nm=nm)
+                for i, (record, boxes_map, det) in enumerate(zip(records, boxes_maps, detections)):
                     det[:, :4] = boxes_map.to_original(det[:, :4])
-                    evaluator.update(record, det)
+                    masks = None
+                    if protos is not None and dataset.segments is not None:
+                        masks = mask_encodings(det[:, 6:], protos[i], det[:, :4], boxes_map,
+                                               tuple(images.shape[2:]))
+                    evaluator.update(record, det, masks)
     finally:
         model.train(was_training)
     return evaluator.compute()
 
 
 def format_metrics(metrics: Metrics) -> str:
-    """A results table: the summary row, then AP50-95 per class present in the labels."""
-    lines = [f"{'class':>20} {'P':>7} {'R':>7} {'mAP50':>7} {'mAP50-95':>9}",
-             f"{'all':>20} {metrics.precision:7.3f} {metrics.recall:7.3f} "
-             f"{metrics.map50:7.3f} {metrics.map50_95:9.3f}"]
+    """A results table: the summary row (with mask mAPs for a segmentation model), then box
+    AP50-95 per class present in the labels."""
+    masks = metrics.mask_map50_95 is not None
+    header = f"{'class':>20} {'P':>7} {'R':>7} {'mAP50':>7} {'mAP50-95':>9}"
+    summary = (f"{'all':>20} {metrics.precision:7.3f} {metrics.recall:7.3f} "
+               f"{metrics.map50:7.3f} {metrics.map50_95:9.3f}")
+    if masks:
+        header += f" {'mask50':>7} {'mask50-95':>9}"
+        summary += f" {metrics.mask_map50:7.3f} {metrics.mask_map50_95:9.3f}"
+    lines = [header, summary]
     lines += [f"{name:>20} {'':7} {'':7} {'':7} {ap:9.3f}" for name, ap in metrics.per_class.items()]
     return "\n".join(lines)
 

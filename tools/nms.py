@@ -4,7 +4,8 @@
 calls it (multi-label, class-aware): a box is kept once per class whose confidence passes
 ``conf_thres``, boxes of different classes are pushed apart by ``class * max_wh`` so one NMS over
 the image never lets a class suppress another, at most ``max_nms`` candidates enter NMS and
-``max_det`` leave it.
+``max_det`` leave it. Segmentation heads append ``nm`` mask coefficients to every row; they are
+carried through to the kept detections untouched.
 
 ``nms`` gives the same indices as ``torchvision.ops.nms``: greedy in descending score order, a
 box suppressed when its IoU with a kept box is strictly above the threshold. It works on blocks of
@@ -84,10 +85,13 @@ def to_anchor_rows(prediction: torch.Tensor, layout: Layout = "auto") -> tuple[t
 
 
 def _candidates(rows: torch.Tensor, has_objectness: bool, conf_thres: float,
-                multi_label: bool) -> torch.Tensor:
-    """(k, 6) rows ``x1 y1 x2 y2 conf cls`` of one image above the confidence threshold."""
+                multi_label: bool, nm: int = 0) -> torch.Tensor:
+    """(k, 6 + nm) rows ``x1 y1 x2 y2 conf cls`` (+ the row's last nm values) of one image above
+    the confidence threshold."""
+    rows, extras = rows[:, :rows.shape[1] - nm], rows[:, rows.shape[1] - nm:]
     if has_objectness:
-        rows = rows[rows[:, 4] > conf_thres]  # YOLOv5 first filters on objectness alone
+        keep = rows[:, 4] > conf_thres  # YOLOv5 first filters on objectness alone
+        rows, extras = rows[keep], extras[keep]
         scores = rows[:, 5:] * rows[:, 4:5]
     else:
         scores = rows[:, 4:]
@@ -99,20 +103,23 @@ def _candidates(rows: torch.Tensor, has_objectness: bool, conf_thres: float,
         conf, cls = scores.max(dim=1)
         box_index = (conf > conf_thres).nonzero(as_tuple=True)[0]
         conf, cls = conf[box_index], cls[box_index]
-    return torch.cat((boxes[box_index], conf[:, None], cls[:, None].to(boxes.dtype)), dim=1)
+    return torch.cat((boxes[box_index], conf[:, None], cls[:, None].to(boxes.dtype), extras[box_index]), dim=1)
 
 
 def non_max_suppression(prediction: torch.Tensor, conf_thres: float = 0.001,
                         iou_thres: float = 0.6, *, layout: Layout = "auto",
                         multi_label: bool = True, agnostic: bool = False, max_det: int = 300,
-                        max_wh: float = 7680.0, max_nms: int = 30000) -> list[torch.Tensor]:
-    """Per image, an (n, 6) tensor ``x1 y1 x2 y2 conf cls`` in input pixels, best first."""
+                        max_wh: float = 7680.0, max_nms: int = 30000, nm: int = 0) -> list[torch.Tensor]:
+    """Per image, an (n, 6 + nm) tensor ``x1 y1 x2 y2 conf cls`` in input pixels, best first,
+    followed by the last ``nm`` values of the row it came from (mask coefficients)."""
     if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
         raise ValueError(f"thresholds must be in [0, 1], got conf {conf_thres}, iou {iou_thres}")
     rows, has_objectness = to_anchor_rows(prediction, layout)
+    if not 0 <= nm < rows.shape[2] - 4 - has_objectness:
+        raise ValueError(f"nm = {nm} leaves no class scores in rows of {rows.shape[2]} values")
     results = []
     for image_rows in rows:
-        det = _candidates(image_rows.float(), has_objectness, conf_thres, multi_label)
+        det = _candidates(image_rows.float(), has_objectness, conf_thres, multi_label, nm)
         det = det[det[:, 4].argsort(descending=True, stable=True)[:max_nms]]
         offsets = det[:, 5:6] * (0.0 if agnostic else max_wh)
         kept = nms(det[:, :4] + offsets, det[:, 4], iou_thres, max_keep=max_det)

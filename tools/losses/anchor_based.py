@@ -39,7 +39,8 @@ from .boxes import bbox_iou, xywh_to_xyxy
 class AnchorMatches:
     """Positive (image, anchor, cell) triples of one level, with what each one should predict.
 
-    ``box`` is (x, y, w, h) in grid units, x and y measured from the matched cell's top-left corner.
+    ``box`` is (x, y, w, h) in grid units, x and y measured from the matched cell's top-left corner;
+    ``target`` is the row of ``targets`` each match came from.
     """
 
     image: torch.Tensor
@@ -49,6 +50,7 @@ class AnchorMatches:
     box: torch.Tensor
     cls: torch.Tensor
     anchor_wh: torch.Tensor
+    target: torch.Tensor
 
 
 # Cell shifts of the centre cell and of the left, upper, right and lower neighbours.
@@ -84,6 +86,7 @@ def match_anchors(targets: torch.Tensor, anchors: torch.Tensor, grid_hw: tuple[i
         box=box,
         cls=targets[target, 1].long(),
         anchor_wh=anchors[anchor[fit]],
+        target=target,
     )
 
 
@@ -95,11 +98,16 @@ def yolov5_scaled_gains(nl: int, nc: int, img_size: int, box: float = 0.05, obj:
 
 
 class AnchorLoss(nn.Module):
-    """YOLOv5 loss; ``loss(preds, targets)`` returns ``(total, {"box", "obj", "cls"})``."""
+    """YOLOv5 loss; ``loss(preds, targets)`` returns ``(total, {"box", "obj", "cls"})``.
+
+    ``nm`` extra channels after the class logits (YOLOv5-seg's mask coefficients) are accepted and
+    left to ``AnchorSegLoss``.
+    """
 
     def __init__(self, anchors_px: torch.Tensor, strides: torch.Tensor, nc: int, box: float = 0.05,
                  obj: float = 1.0, cls: float = 0.5, anchor_t: float = 4.0,
-                 balance: tuple[float, ...] = (4.0, 1.0, 0.4), label_smoothing: float = 0.0) -> None:
+                 balance: tuple[float, ...] = (4.0, 1.0, 0.4), label_smoothing: float = 0.0,
+                 nm: int = 0) -> None:
         super().__init__()
         anchors_px = torch.as_tensor(anchors_px, dtype=torch.float32)
         strides = torch.as_tensor(strides, dtype=torch.float32).flatten()
@@ -110,28 +118,37 @@ class AnchorLoss(nn.Module):
                              f"{len(balance)} balance weights; they must agree")
         self.register_buffer("anchors", anchors_px / strides.view(-1, 1, 1), persistent=False)
         self.register_buffer("strides", strides, persistent=False)
-        self.nc, self.anchor_t, self.balance = nc, anchor_t, tuple(balance)
+        self.nc, self.nm, self.anchor_t, self.balance = nc, nm, anchor_t, tuple(balance)
         self.gains = {"box": box, "obj": obj, "cls": cls}
         self.positive, self.negative = 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing
 
     def forward(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts, _ = self.matched_terms(preds, targets)
+        total = (parts["box"] + parts["obj"] + parts["cls"]) * preds[0].shape[0]
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    def matched_terms(self, preds: list[torch.Tensor],
+                      targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[AnchorMatches]]:
+        """Gain-weighted {box, obj, cls} (in the graph, not yet times B) and each level's matches;
+        the segmentation loss adds its term on the same matches."""
         if len(preds) != len(self.anchors):
             raise ValueError(f"AnchorLoss: {len(preds)} levels of predictions for {len(self.anchors)} anchor levels")
         device = preds[0].device
         parts = {name: torch.zeros((), device=device) for name in ("box", "obj", "cls")}
         targets = targets.to(device=device, dtype=torch.float32)
+        channels = 5 + self.nc + self.nm
+        all_matches = []
         for level, pred in enumerate(preds):
-            if pred.ndim != 5 or pred.shape[1] != self.anchors.shape[1] or pred.shape[-1] != 5 + self.nc:
+            if pred.ndim != 5 or pred.shape[1] != self.anchors.shape[1] or pred.shape[-1] != channels:
                 raise ValueError(f"AnchorLoss: level {level} has shape {tuple(pred.shape)}, expected "
-                                 f"B × {self.anchors.shape[1]} × H × W × {5 + self.nc}")
+                                 f"B × {self.anchors.shape[1]} × H × W × {channels}")
             matches = match_anchors(targets, self.anchors[level], pred.shape[2:4], self.anchor_t)
             box, obj, cls = self._level_terms(pred.float(), matches)
             parts["box"] = parts["box"] + box
             parts["obj"] = parts["obj"] + obj * self.balance[level]
             parts["cls"] = parts["cls"] + cls
-        parts = {name: value * self.gains[name] for name, value in parts.items()}
-        total = (parts["box"] + parts["obj"] + parts["cls"]) * preds[0].shape[0]
-        return total, {name: value.detach() for name, value in parts.items()}
+            all_matches.append(matches)
+        return {name: value * self.gains[name] for name, value in parts.items()}, all_matches
 
     def _level_terms(self, pred: torch.Tensor, m: AnchorMatches) -> tuple[torch.Tensor, ...]:
         """Unweighted (box, objectness, class) terms of one level."""
@@ -149,7 +166,8 @@ class AnchorLoss(nn.Module):
         obj = F.binary_cross_entropy_with_logits(pred[..., 4], objectness_target)
         cls = zero
         if self.nc > 1:  # a single class is carried by objectness alone, as in YOLOv5
-            class_target = torch.full_like(picked[:, 5:], self.negative)
+            class_logits = picked[:, 5:5 + self.nc]
+            class_target = torch.full_like(class_logits, self.negative)
             class_target[torch.arange(len(m.cls), device=pred.device), m.cls] = self.positive
-            cls = F.binary_cross_entropy_with_logits(picked[:, 5:], class_target)
+            cls = F.binary_cross_entropy_with_logits(class_logits, class_target)
         return box, obj, cls

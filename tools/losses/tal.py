@@ -166,12 +166,23 @@ class TalLoss(nn.Module):
         dist, logits = flat.split((4 * self.reg_max, self.nc), dim=-1)
         return dist.reshape(*dist.shape[:2], 4, self.reg_max), logits
 
+    def image_hw(self, preds: list[torch.Tensor]) -> tuple[float, float]:
+        """Input image size in pixels: the first level's grid times its stride."""
+        return preds[0].shape[2] * float(self.strides[0]), preds[0].shape[3] * float(self.strides[0])
+
     def forward(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts, _ = self.assigned_terms(preds, targets)
+        total = (parts["box"] + parts["cls"] + parts["dfl"]) * preds[0].shape[0]
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    def assigned_terms(self, preds: list[torch.Tensor],
+                       targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], TalTargets]:
+        """Gain-weighted {box, cls, dfl} (in the graph, not yet times B) and the assignment behind
+        them, its boxes in pixels; the segmentation loss adds its term to the same assignment."""
         dist, logits = self.flatten(preds)
         batch = logits.shape[0]
         points, point_strides = anchor_points([tuple(p.shape[2:]) for p in preds], self.strides)
-        img_hw = (preds[0].shape[2] * float(self.strides[0]), preds[0].shape[3] * float(self.strides[0]))
-        labels, gt_boxes, valid = pack_targets(targets.to(logits.device, torch.float32), batch, img_hw)
+        labels, gt_boxes, valid = pack_targets(targets.to(logits.device, torch.float32), batch, self.image_hw(preds))
         pred_boxes = ltrb_to_xyxy(points, dist.softmax(-1) @ self.bins)  # stride units
         assigned = task_aligned_assign(logits.detach().sigmoid(), pred_boxes.detach() * point_strides,
                                        points * point_strides, labels, gt_boxes, valid, **self.assign)
@@ -186,5 +197,4 @@ class TalLoss(nn.Module):
         target_ltrb = xyxy_to_ltrb(point_per_fg, target_boxes[fg]).clamp(0, self.reg_max - 1 - 0.01)
         dfl = (distribution_focal_loss(dist[fg], target_ltrb).mean(-1) * weight).sum() / normaliser
         parts = {"box": box * self.gains["box"], "cls": cls * self.gains["cls"], "dfl": dfl * self.gains["dfl"]}
-        total = (parts["box"] + parts["cls"] + parts["dfl"]) * batch
-        return total, {name: value.detach() for name, value in parts.items()}
+        return parts, assigned
