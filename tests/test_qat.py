@@ -230,3 +230,22 @@ def test_segmentation_models_train_with_mask_loss(name, tmp_path):
     assert result.steps == 2 and "seg" in result.parts[-1]
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert result.parts[-1]["seg"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_on_the_official_checkpoint(shared_data, tmp_path):
+    """The real thing in miniature: yolov5n.pt, W4A4, a few steps on a few COCO128 images."""
+    from yoloq.sources import load_model
+
+    data = shared_data / "coco128" / "data.yaml"
+    model = load_model(str(shared_data / "weights" / "yolov5n.pt"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qm = yoloq.prepare_qat(model, "w4a4", calib=data, num_images=4, imgsz=128, batch=4)
+    config = QATConfig(batch=4, imgsz=128, epochs=2, max_steps=3, max_images=8, workers=0)
+    start = state_of(qm)
+    result = train_qat(qm, data, config, out_dir=tmp_path, progress=False)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert set(result.parts[-1]) == {"box", "obj", "cls"}
+    assert any(not torch.equal(start[k], v) for k, v in state_of(qm).items())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    assert load_checkpoint(tmp_path / "last.pt", "w4a4")["step"] == 3
