@@ -9,8 +9,16 @@ points from one step to the next. Per weight, after every optimizer step:
     f_t      = m · flip + (1 − m) · f_{t−1}      (EMA of the oscillation frequency, m = momentum)
 
 A weight *oscillates* when f exceeds ``threshold``. Per layer the tracker reports the share of
-oscillating weights and the mean frequency; ``state_dict`` makes it resumable. All ranks of a
-data-parallel run see identical weights after the all-reduce, so their trackers agree.
+oscillating weights, the share frozen and the mean frequency; ``state_dict`` makes it resumable.
+All ranks of a data-parallel run see identical weights after the all-reduce, so their trackers agree.
+
+The two remedies of the paper act on the same statistics:
+
+    dampening   L_damp = mean over weights of (clip(w/s) − sg(round(clip(w/s))))², the latent
+                weight pulled to the centre of its bin (integer units; s and the target detached)
+    freezing    a weight whose f exceeds the (annealed) threshold is frozen to the rounded EMA of its
+                integer value, ē_t = m · q_t + (1 − m) · ē_{t−1}: after every optimizer step its
+                latent value is reset so that it quantizes to that code, whatever the scale learns
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ class LayerOscillation:
     weights: int
     oscillating: float  # share of weights with frequency above the threshold
     mean_frequency: float
+    frozen: float = 0.0  # share of weights frozen
 
 
 class OscillationTracker:
@@ -44,6 +53,9 @@ class OscillationTracker:
         self.codes: dict[str, torch.Tensor] = {}
         self.direction: dict[str, torch.Tensor] = {}
         self.frequency: dict[str, torch.Tensor] = {}
+        self.mean_code: dict[str, torch.Tensor] = {}  # EMA of the integer value
+        self.frozen: dict[str, torch.Tensor] = {}  # bool mask
+        self.frozen_codes: dict[str, torch.Tensor] = {}
         self.steps = 0
 
     @torch.no_grad()
@@ -60,7 +72,11 @@ class OscillationTracker:
                 self.codes[name] = codes
                 self.direction[name] = torch.zeros_like(codes, dtype=torch.int8)
                 self.frequency[name] = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+                self.mean_code[name] = codes.float()
+                self.frozen[name] = torch.zeros_like(codes, dtype=torch.bool)
+                self.frozen_codes[name] = torch.zeros_like(codes)
                 continue
+            self.mean_code[name].mul_(1.0 - self.momentum).add_(codes.float(), alpha=self.momentum)
             step = torch.sign(codes - self.codes[name]).to(torch.int8)
             moved = step != 0
             flip = moved & (step == -self.direction[name])
@@ -74,21 +90,74 @@ class OscillationTracker:
         return self.frequency[name] > self.threshold
 
     def layer_stats(self) -> list[LayerOscillation]:
-        return [LayerOscillation(name, f.numel(), float(self.oscillating(name).float().mean()), float(f.mean()))
+        return [LayerOscillation(name, f.numel(), float(self.oscillating(name).float().mean()), float(f.mean()),
+                                 float(self.frozen[name].float().mean()))
                 for name, f in self.frequency.items()]
 
     def summary(self) -> dict[str, float]:
-        """Share of all tracked weights that oscillate, and their mean frequency."""
+        """Shares of all tracked weights that oscillate and that are frozen, and their mean frequency."""
         if not self.frequency:
-            return {"oscillating": 0.0, "frequency": 0.0}
+            return {"oscillating": 0.0, "frozen": 0.0, "frequency": 0.0}
         total = sum(f.numel() for f in self.frequency.values())
         osc = sum(int(self.oscillating(n).sum()) for n in self.frequency)
+        frozen = sum(int(m.sum()) for m in self.frozen.values())
         mean = sum(float(f.sum()) for f in self.frequency.values()) / total
-        return {"oscillating": osc / total, "frequency": mean}
+        return {"oscillating": osc / total, "frozen": frozen / total, "frequency": mean}
+
+    # ----------------------------------------------------------------------------- remedies
+    def dampening_loss(self) -> torch.Tensor:
+        """L_damp of the module docstring over every tracked layer (differentiable in the weights)."""
+        total, count = None, 0
+        for layer in self.layers.values():
+            quant = layer.weight_quant
+            if quant.spec.scheme != "uniform":
+                continue  # bins of a non-uniform grid have no single width to centre in
+            zero_point = 0.0 if quant.spec.symmetric else quant._expand(quant.zero_point).detach()
+            v = layer.effective_weight() / quant._scale().detach() + zero_point
+            clipped = torch.clamp(v, quant.spec.qmin, quant.spec.qmax)
+            term = (clipped - torch.round(clipped).detach()).pow(2).sum()
+            total = term if total is None else total + term
+            count += v.numel()
+        if total is None:
+            return torch.zeros(())
+        return total / count
+
+    @torch.no_grad()
+    def freeze_(self, threshold: float) -> int:
+        """Freeze every weight whose frequency exceeds ``threshold`` to its rounded mean code; returns
+        how many were newly frozen. Call after ``update``; ``apply_frozen_`` then pins them."""
+        newly = 0
+        for name in self.frequency:
+            candidates = (self.frequency[name] > threshold) & ~self.frozen[name]
+            count = int(candidates.sum())
+            if count:
+                self.frozen_codes[name][candidates] = torch.round(self.mean_code[name][candidates]).to(torch.int16)
+                self.frozen[name] |= candidates
+                newly += count
+        self.apply_frozen_()
+        return newly
+
+    @torch.no_grad()
+    def apply_frozen_(self) -> None:
+        """Reset every frozen weight's latent value to the one its frozen code dequantizes to (with
+        the quantizer's current scale), so it keeps that code; call after every optimizer step."""
+        for name, mask in self.frozen.items():
+            if not bool(mask.any()):
+                continue
+            layer = self.layers[name]
+            quant = layer.weight_quant
+            codes = torch.where(mask, self.frozen_codes[name], self.current_codes(name)).to(torch.int32)
+            target = quant.dequantize(codes)
+            weight = layer.layer.weight
+            if layer.fold_bn:  # the quantizer sees W·k
+                target = target / layer.bn_factor().view(-1, *([1] * (weight.dim() - 1)))
+            weight.data = torch.where(mask, target.to(weight.dtype), weight.data)
+            self.codes[name] = torch.where(mask, self.frozen_codes[name], self.codes[name])
 
     def state_dict(self) -> dict:
         return {"momentum": self.momentum, "threshold": self.threshold, "steps": self.steps,
-                "codes": dict(self.codes), "direction": dict(self.direction), "frequency": dict(self.frequency)}
+                "codes": dict(self.codes), "direction": dict(self.direction), "frequency": dict(self.frequency),
+                "mean_code": dict(self.mean_code), "frozen": dict(self.frozen), "frozen_codes": dict(self.frozen_codes)}
 
     def load_state_dict(self, state: dict) -> None:
         unknown = sorted(set(state["codes"]) - set(self.layers))
@@ -97,3 +166,5 @@ class OscillationTracker:
         self.momentum, self.threshold, self.steps = state["momentum"], state["threshold"], state["steps"]
         self.codes, self.direction = dict(state["codes"]), dict(state["direction"])
         self.frequency = dict(state["frequency"])
+        self.mean_code, self.frozen = dict(state["mean_code"]), dict(state["frozen"])
+        self.frozen_codes = dict(state["frozen_codes"])

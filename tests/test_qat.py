@@ -249,3 +249,23 @@ def test_smoke_on_the_official_checkpoint(shared_data, tmp_path):
     assert any(not torch.equal(start[k], v) for k, v in state_of(qm).items())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
     assert load_checkpoint(tmp_path / "last.pt", "w4a4")["step"] == 3
+
+
+def test_ema_dampening_and_freezing_in_the_loop(toy_dataset, tmp_path):
+    qm = prepared(toy_dataset)
+    config = dataclasses_replace(CONFIG, ema=True, ema_decay=0.9, ema_tau=1.0, dampening=1e-2,
+                                 freeze_from=0.02, freeze_to=0.01, lr=5e-3, oscillation_momentum=0.3)
+    result = train_qat(qm, toy_dataset, config, out_dir=tmp_path, progress=False)
+    assert "damp" in result.parts[-1] and result.parts[-1]["damp"] > 0
+    assert result.hook.ema is not None and result.hook.ema.updates == result.steps
+    # the returned model is the EMA copy
+    for key, value in qm.graph_module.state_dict().items():
+        assert torch.equal(value, result.hook.ema.state[key]), key
+    assert 0.0 <= result.oscillation["frozen"] <= 1.0
+    resumed = load_checkpoint(tmp_path / "last.pt")
+    assert resumed["hook"]["ema"]["updates"] == result.steps
+
+
+def test_bad_freeze_thresholds_are_refused():
+    with pytest.raises(QATError, match="freeze_from/freeze_to"):
+        QATConfig(freeze_from=0.01, freeze_to=0.02)

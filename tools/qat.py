@@ -64,6 +64,13 @@ class QATConfig:
     max_images: int | None = None
     save_every: int = 0  # steps between checkpoints; 0: at each epoch end only
     oscillation_momentum: float = 0.01
+    freeze_bn: bool = False  # BN in eval mode (running statistics fixed), e.g. while training QC alone
+    ema: bool = False  # keep an EMA of weights, BN statistics and scales; the result is the EMA copy
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0  # steps of the decay ramp d_t = α(1 − exp(−t/τ))
+    dampening: float = 0.0  # weight of the oscillation dampening loss (cosine-ramped from 0); 0: off
+    freeze_from: float = 0.0  # freeze weights oscillating above a threshold annealed from this ...
+    freeze_to: float = 0.0  # ... to this (cosine); 0: no freezing
     hyp: dict = dataclasses.field(default_factory=dict)  # AugmentConfig overrides
 
     def __post_init__(self):
@@ -83,6 +90,11 @@ class QATConfig:
         for name in ("warmup_steps", "save_every", "seed", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise QATError(f"QATConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_tau <= 0:
+            raise QATError(f"QATConfig.ema_decay must be in [0, 1) and ema_tau > 0, got {self.ema_decay}, {self.ema_tau}")
+        if not (0.0 <= self.freeze_to <= self.freeze_from < 1.0) or (self.freeze_from > 0) != (self.freeze_to > 0):
+            raise QATError(f"QATConfig.freeze_from/freeze_to must satisfy 0 < freeze_to <= freeze_from < 1 "
+                           f"(or both 0: off), got {self.freeze_from}, {self.freeze_to}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise QATError(f"QATConfig.max_steps must be a positive integer or None, got {self.max_steps!r}")
         try:
@@ -216,7 +228,9 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     if config.max_steps is not None:
         total = min(total, config.max_steps)
 
-    hook = QATHook(model, config.oscillation_momentum)
+    hook = QATHook(model, config.oscillation_momentum, ema_decay=config.ema_decay if config.ema else None,
+                   ema_tau=config.ema_tau, dampening=config.dampening, total_steps=total,
+                   freeze=(config.freeze_from, config.freeze_to) if config.freeze_from else None)
     optimizer = make_optimizer(hook, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_factor(s, config.epochs * steps_per_epoch, config.warmup_steps,
@@ -241,6 +255,10 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                dynamic_ncols=True)
     start_time = time.perf_counter()
     network.train()
+    if config.freeze_bn:
+        for m in network.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     try:
         while step < total:
             epoch, first = divmod(step, steps_per_epoch)
@@ -252,6 +270,10 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                 outputs = trainable(images)
                 total_loss, parts = criterion(outputs, targets, masks) if masks is not None \
                     else criterion(outputs, targets)
+                regularization = hook.regularization()
+                if regularization is not None:
+                    parts = {**parts, "damp": regularization.detach()}
+                    total_loss = total_loss + regularization
                 hook.check_loss(total_loss, images)
                 optimizer.zero_grad(set_to_none=True)
                 total_loss.backward()
@@ -267,7 +289,8 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                 parts_log.append({k: float(v) for k, v in parts.items()})
                 osc = hook.stats()
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts_log[-1].items()},
-                                 "osc": f"{100 * osc['oscillating']:.2f}%"}, refresh=False)
+                                 "osc": f"{100 * osc['oscillating']:.2f}%", "frozen": f"{100 * osc['frozen']:.2f}%"},
+                                refresh=False)
                 bar.update(1)
                 if config.save_every and step % config.save_every == 0:
                     save()
@@ -278,6 +301,7 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     finally:
         bar.close()
         network.eval()
+    hook.finish()  # evaluation and export use the EMA copy when there is one
     return QATResult(model, step, losses, parts_log, time.perf_counter() - start_time,
                      checkpoint if checkpoint is not None and checkpoint.is_file() else None, hook.tracker.summary(), hook)
 

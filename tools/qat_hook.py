@@ -10,8 +10,15 @@
         loss = my_loss(qm.graph_module(images), targets)      # raw head outputs, any loss
         hook.check_loss(loss, images)                          # NaN/Inf: stops, naming the layer
         optimizer.zero_grad(); loss.backward(); optimizer.step()
-        hook.after_step()                                      # oscillation statistics
+        hook.after_step()                                      # oscillation statistics, EMA, freezing
         print(hook.stats())
+    hook.finish()                                              # the EMA copy into the model, if enabled
+
+With ``dampening=λ`` add ``hook.regularization()`` to the loss (the oscillation dampening term,
+its weight ramped from 0 to λ by a cosine over ``total_steps``); with ``freeze=(f_start, f_end)``
+weights whose oscillation frequency exceeds a threshold annealed from f_start to f_end are frozen;
+with ``ema_decay=α`` an EMA of weights, BN statistics and quantizer scales is kept and ``finish``
+loads it into the model (see ``quantizers/oscillation.py`` and ``quantizers/ema.py``).
 
 Parameter groups: quantizer scales and offsets (their own learning rate, no weight decay), conv and
 linear weights (weight decay), and the rest — biases, BatchNorm affine parameters — without decay.
@@ -25,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from yoloq.quantizers.ema import QuantizedEMA
 from yoloq.quantizers.fake_quantize import FakeQuantize
 from yoloq.quantizers.oscillation import OscillationTracker
 from yoloq.quantizers.uniform import SCALE_EPS
@@ -59,9 +67,19 @@ def split_parameters(network: nn.Module) -> dict[str, list[tuple[str, nn.Paramet
 class QATHook:
     """QAT bookkeeping for one quantized network (module docstring)."""
 
-    def __init__(self, model: nn.Module, oscillation_momentum: float = 0.01, oscillation_threshold: float = 0.005):
+    def __init__(self, model: nn.Module, oscillation_momentum: float = 0.01, oscillation_threshold: float = 0.005,
+                 *, ema_decay: float | None = None, ema_tau: float = 2000.0, dampening: float = 0.0,
+                 freeze: tuple[float, float] | None = None, total_steps: int | None = None):
         self.network = network_of(model)
         self.tracker = OscillationTracker(self.network, oscillation_momentum, oscillation_threshold)
+        if dampening < 0 or not math.isfinite(dampening):
+            raise ValueError(f"dampening must be a finite weight >= 0, got {dampening!r}")
+        if freeze is not None and (len(freeze) != 2 or not all(0 < f < 1 for f in freeze)):
+            raise ValueError(f"freeze must be (start, end) thresholds in (0, 1), got {freeze!r}")
+        if (dampening or freeze) and not total_steps:
+            raise ValueError("dampening and freezing are scheduled over total_steps; give it")
+        self.dampening, self.freeze, self.total_steps = dampening, freeze, total_steps
+        self.ema = QuantizedEMA(self.network, ema_decay, ema_tau) if ema_decay is not None else None
         self.step = 0
         self.calibrated_scales = {name: float(m.scale.detach().abs().min())
                                   for name, m in self.network.named_modules()
@@ -112,22 +130,52 @@ class QATHook:
         return "; ".join(parts) or "no parameter or scale is broken: the loss itself overflowed (lower the lr)"
 
     # ------------------------------------------------------------------------------ steps
+    def progress(self) -> float:
+        return min(self.step / self.total_steps, 1.0) if self.total_steps else 0.0
+
+    def regularization(self) -> torch.Tensor | None:
+        """The dampening term to add to the loss (None when dampening is off)."""
+        if not self.dampening:
+            return None
+        weight = self.dampening * 0.5 * (1.0 - math.cos(math.pi * self.progress()))
+        return weight * self.tracker.dampening_loss()
+
+    def freeze_threshold(self) -> float | None:
+        if self.freeze is None:
+            return None
+        start, end = self.freeze
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * self.progress()))
+
     def after_step(self) -> None:
-        """Call after every ``optimizer.step()``: updates the oscillation statistics."""
+        """Call after every ``optimizer.step()``: pins frozen weights, updates the oscillation
+        statistics, freezes what now oscillates too often, and updates the EMA."""
+        self.tracker.apply_frozen_()
         self.tracker.update()
+        threshold = self.freeze_threshold()
+        if threshold is not None:
+            self.tracker.freeze_(threshold)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.network)
+
+    def finish(self) -> None:
+        """End of training: load the EMA copy into the model (evaluation and export use it)."""
+        if self.ema is not None:
+            self.ema.copy_to(self.network)
 
     def stats(self) -> dict[str, float]:
         return {"step": self.step, **self.tracker.summary()}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "calibrated_scales": dict(self.calibrated_scales),
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.tracker.state_dict(), "ema": None if self.ema is None else self.ema.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.calibrated_scales = dict(state["calibrated_scales"])
         self.tracker.load_state_dict(state["tracker"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
 @torch.no_grad()
