@@ -190,3 +190,15 @@ def test_lsq_module_gradient_uses_elements_per_learned_scale():
     g = 1 / math.sqrt(4 * 7)  # 4 elements share each group's scale
     expected = per_element.reshape(2, -1).sum(1) * g
     torch.testing.assert_close(fq.scale.grad.flatten(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_plus_per_group_quantizes():
+    """LSQ+ has an offset and no zero point; per-group expansion must not touch the missing one."""
+    q = FakeQuantize(QuantSpec(bits=4, signed=False, symmetric=False, granularity="per_group", group_size=2,
+                               learned="lsq+"), channel_axis=1)
+    x = torch.randn(2, 4, 3, 3)
+    q(x)
+    q.calibrate_()
+    y = q(x.requires_grad_())
+    y.sum().backward()
+    assert y.shape == x.shape and q.offset.grad is not None and q.scale.grad is not None

@@ -264,6 +264,9 @@ def test_ema_dampening_and_freezing_in_the_loop(toy_dataset, tmp_path):
     assert 0.0 <= result.oscillation["frozen"] <= 1.0
     resumed = load_checkpoint(tmp_path / "last.pt")
     assert resumed["hook"]["ema"]["updates"] == result.steps
+    for plot in ("training_curves.png", "oscillation_histograms.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [h["step"] for h in result.history] == list(range(1, result.steps + 1))  # steps completed
 
 
 def test_bad_freeze_thresholds_are_refused():

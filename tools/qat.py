@@ -123,6 +123,7 @@ class QATResult:
     checkpoint: Path | None
     oscillation: dict[str, float]  # summary at the end (hook.tracker has per-weight statistics)
     hook: QATHook
+    history: list[dict]  # per step: loss, parts, oscillating and frozen shares, lr
 
 
 def distributed() -> tuple[int, int]:
@@ -250,7 +251,7 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
             return None
         return save_checkpoint(checkpoint, model, optimizer, scheduler, hook, config, step)
 
-    losses, parts_log = [], []
+    losses, parts_log, history = [], [], []
     bar = tqdm(total=total, initial=step, desc="qat", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     start_time = time.perf_counter()
@@ -288,6 +289,9 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                 losses.append(float(total_loss.detach()))
                 parts_log.append({k: float(v) for k, v in parts.items()})
                 osc = hook.stats()
+                history.append({"step": step, "loss": losses[-1] / len(images), **parts_log[-1],
+                                "oscillating": osc["oscillating"], "frozen": osc["frozen"],
+                                "lr": optimizer.param_groups[-1]["lr"]})
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in parts_log[-1].items()},
                                  "osc": f"{100 * osc['oscillating']:.2f}%", "frozen": f"{100 * osc['frozen']:.2f}%"},
                                 refresh=False)
@@ -302,8 +306,14 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
         bar.close()
         network.eval()
     hook.finish()  # evaluation and export use the EMA copy when there is one
+    if out_dir is not None and rank == 0 and history:
+        from yoloq.tools.qat_plots import oscillation_histograms, training_curves
+
+        training_curves(history, Path(out_dir) / "training_curves.png")
+        oscillation_histograms(hook.tracker, Path(out_dir) / "oscillation_histograms.png")
     return QATResult(model, step, losses, parts_log, time.perf_counter() - start_time,
-                     checkpoint if checkpoint is not None and checkpoint.is_file() else None, hook.tracker.summary(), hook)
+                     checkpoint if checkpoint is not None and checkpoint.is_file() else None, hook.tracker.summary(), hook,
+                     history)
 
 
 def _default_loss(model: nn.Module, imgsz: int) -> nn.Module:

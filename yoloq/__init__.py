@@ -25,9 +25,10 @@ from yoloq.quantizers.spec import QuantSpec  # noqa: E402
 from yoloq.storage import load_quantized, save  # noqa: E402
 from yoloq.tools.qat import QATConfig, train_qat  # noqa: E402
 from yoloq.tools.qat_hook import QATHook, TrainingDiverged  # noqa: E402
+from yoloq.passes.correct import correct  # noqa: E402
 
 __all__ += ["Metrics", "evaluate", "models", "QuantizedModel", "quantize", "Override", "Recipe", "RecipeError",
             "load_recipe", "QuantSpec", "load_quantized", "save", "prepare_qat", "QATConfig", "train_qat",
-            "QATHook", "TrainingDiverged"]
+            "QATHook", "TrainingDiverged", "correct"]
 
 __version__ = "0.1.0"

@@ -69,6 +69,60 @@ def _qat(args: argparse.Namespace) -> int:
     return main_qat(args)
 
 
+def _load_trained(path: str):
+    """A model written by ``yoloq.save`` (an xz stream), or the model of a QAT checkpoint (last.pt)."""
+    from yoloq.storage import load_quantized
+    from yoloq.tools.qat import load_checkpoint
+
+    with open(path, "rb") as f:
+        xz = f.read(6) == b"\xfd7zXZ\x00"
+    return load_quantized(path) if xz else load_checkpoint(path)["model"]
+
+
+def _correct(args: argparse.Namespace) -> int:
+    from yoloq.passes.correct import correct
+    from yoloq.storage import save
+    from yoloq.tools.evaluate import evaluate
+
+    model = _load_trained(args.model)
+    if args.eval:
+        before = evaluate(model, args.data, imgsz=args.imgsz)
+        print(f"before correction: mAP50-95 {before.map50_95:.4f}  mAP50 {before.map50:.4f}")
+    corrected = correct(model, args.data, bn_batches=args.bn_batches, qc=not args.no_qc, epochs=args.epochs,
+                        lr=args.lr, imgsz=args.imgsz, batch=args.batch, max_steps=args.max_steps, seed=args.seed,
+                        workers=args.workers)
+    for record in corrected.records[len(getattr(model, "records", ())):]:
+        print(f"{record.name}: {record.stats} in {record.seconds:.1f} s")
+    size = save(corrected, args.output)
+    print(f"saved {args.output}: {size.file_bytes} bytes, {size.ratio:.2f}x smaller than the FP32 state_dict")
+    if args.eval:
+        after = evaluate(corrected, args.data, imgsz=args.imgsz)
+        print(f"after correction:  mAP50-95 {after.map50_95:.4f}  mAP50 {after.map50:.4f}")
+    return 0
+
+
+def _add_correct_arguments(parser: argparse.ArgumentParser) -> None:
+    from yoloq.passes.correct import BN_BATCHES
+    from yoloq.tools.qat import QATConfig
+
+    defaults = QATConfig()
+    parser.add_argument("--model", required=True, help="a trained model: a file of yoloq.save (runs/qat/model.yoloq) "
+                                                        "or a QAT checkpoint (last.pt: its model as trained, without "
+                                                        "the EMA copy that model.yoloq holds)")
+    parser.add_argument("--data", required=True, help="data.yaml whose train split corrects (and --eval evaluates)")
+    parser.add_argument("--bn-batches", type=int, default=BN_BATCHES, help="batches for BN re-estimation; 0 skips it")
+    parser.add_argument("--no-qc", action="store_true", help="BN re-estimation only, no QC")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of QC training")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of QC's γ and β (Adam)")
+    parser.add_argument("--imgsz", type=int, default=defaults.imgsz)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop QC training after this many steps")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="data decoding threads")
+    parser.add_argument("-o", "--output", required=True, help="write the corrected model here (yoloq.save format)")
+    parser.add_argument("--eval", action="store_true", help="evaluate mAP before and after correction")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yoloq", description="Quantize YOLO detectors with a torch.fx pass pipeline.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -102,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_qat_arguments(qat)
     qat.set_defaults(run=_qat)
+    fix = verbs.add_parser("correct", help="after QAT: BN re-estimation and QC (per-channel γ, β), folded")
+    _add_correct_arguments(fix)
+    fix.set_defaults(run=_correct)
     return parser
 
 
