@@ -86,8 +86,9 @@ class OscillationTracker:
         self.steps += 1
 
     def oscillating(self, name: str) -> torch.Tensor:
-        """Boolean mask of ``name``'s weights whose frequency is above the threshold."""
-        return self.frequency[name] > self.threshold
+        """Boolean mask of ``name``'s weights whose frequency is above the threshold and that are not
+        frozen (a frozen weight's frequency decays from where it was, but it no longer moves)."""
+        return (self.frequency[name] > self.threshold) & ~self.frozen[name]
 
     def layer_stats(self) -> list[LayerOscillation]:
         return [LayerOscillation(name, f.numel(), float(self.oscillating(name).float().mean()), float(f.mean()),

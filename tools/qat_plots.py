@@ -58,8 +58,9 @@ def oscillation_histograms(tracker: OscillationTracker, path: str | os.PathLike,
         values = tracker.frequency[name].flatten().cpu().numpy()
         ax.hist(values, bins=bins, range=(0, top), color="tab:blue", log=True)
         ax.axvline(tracker.threshold, color="tab:red", linewidth=0.8)
-        share = 100 * float((tracker.frequency[name] > tracker.threshold).float().mean())
-        ax.set_title(f"{name}\n{share:.1f}% osc", fontsize=6)
+        share = 100 * float(tracker.oscillating(name).float().mean())
+        frozen = 100 * float(tracker.frozen[name].float().mean())
+        ax.set_title(f"{name}\n{share:.1f}% osc, {frozen:.1f}% frozen", fontsize=6)
         ax.tick_params(labelsize=5)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
