@@ -84,7 +84,11 @@ def run_row(name: str, args) -> dict:
     if correction is not None:
         after_qat = yoloq.evaluate(model, data, imgsz=args.imgsz)
         row.update(map50_95_qat=round(after_qat.map50_95, 4), map50_qat=round(after_qat.map50, 4))
-        model = yoloq.correct(model, data, imgsz=args.imgsz, batch=args.batch, seed=args.seed, **correction)
+        try:
+            model = yoloq.correct(model, data, imgsz=args.imgsz, batch=args.batch, seed=args.seed,
+                                  progress=args.progress, **correction)
+        except ValueError as exc:  # a row that cannot correct reports why, keeping its QAT figures
+            row["correct_error"] = str(exc)[:300]
     after = yoloq.evaluate(model, data, imgsz=args.imgsz)
     return {"benchmark": "qat", "row": name, "imgsz": args.imgsz, "epochs": args.epochs, "steps": result.steps,
             "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,

@@ -188,9 +188,14 @@ class QuantizedLayer(nn.Module):
         sign_into_bn = bn is not None and bn.affine and not self.fold_bn
         moved = 1.0 - 2.0 * (negative & sign_into_bn).to(gamma.dtype)  # m: the sign the BN takes
         ndim, axis = layer.weight.dim(), weight_channel_axis(layer)
-        t = per_axis(gamma * moved, ndim, axis)
-        target = t * quant.dequantize(quant.codes(self.effective_weight()))  # what the folded quantizer must give
-        folded = rescaled_per_channel(quant, gamma * moved, ndim, axis)
+        current = quant.dequantize(quant.codes(self.effective_weight()))
+        # A channel whose weights all quantize to 0 outputs 0 whatever its scale: γ goes to the bias
+        # only (its scale may already sit at the floor, where γ·s could not be represented).
+        dead = ~current.movedim(axis, 0).flatten(1).ne(0).any(1)
+        factor = torch.where(dead, moved, gamma * moved)
+        t = per_axis(factor, ndim, axis)
+        target = t * current  # what the folded quantizer must give
+        folded = rescaled_per_channel(quant, factor, ndim, axis)
         codes = folded.codes(target)
         off = (folded.dequantize(codes) - target).abs() > QC_EXACT_STEPS * folded.scale + 1e-6 * target.abs()
         if off.any():

@@ -14,6 +14,8 @@ from yoloq.models.tiny import tiny_yolo
 from yoloq.passes.correct import correct, fold_qc, reestimate_bn, train_qc
 from yoloq.passes.insert_quantizers import QCFoldError, QuantizedLayer
 from yoloq.passes.plan_quantization import QUANT
+from yoloq.quantizers.fake_quantize import FakeQuantize
+from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import Recipe
 from yoloq.tools.train_data import TrainDataset
 
@@ -324,3 +326,24 @@ def test_cli_correct_round_trip(toy_dataset, tmp_path, capsys):
     assert "qc:" not in capsys.readouterr().out
     assert main(["correct", "--model", str(tmp_path / "missing.pt"), *common, "-o", str(out)]) == 2
     assert "yoloq correct: error" in capsys.readouterr().err
+
+
+def test_dead_channel_with_floored_scale_folds_into_the_bias():
+    """A channel whose weights all quantize to 0 (scale at the floor) folds γ·b + β into the bias only."""
+    from yoloq.quantizers.uniform import SCALE_EPS
+
+    conv = nn.Conv2d(2, 2, 1)
+    with torch.no_grad():
+        conv.weight[1].zero_()
+    quant = FakeQuantize(QuantSpec(bits=4, granularity="per_channel"), 0)
+    quant(conv.weight.detach())
+    quant.calibrate_()
+    assert float(quant.scale.flatten()[1]) == pytest.approx(SCALE_EPS)
+    layer = QuantizedLayer(conv, quant, None).add_qc_()
+    with torch.no_grad():
+        layer.qc_scale.copy_(torch.tensor([0.5, 0.25]))
+        layer.qc_shift.copy_(torch.tensor([0.1, -0.2]))
+    x = torch.randn(3, 2, 4, 4)
+    before = layer(x)
+    layer.fold_qc_()
+    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
