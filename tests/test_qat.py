@@ -202,10 +202,13 @@ def test_cli_qat_trains_and_resumes(toy_dataset, tmp_path, capsys):
 
     out = tmp_path / "run"
     args = ["qat", "--model", "tiny-yolo", "--recipe", "w4a4", "--data", str(toy_dataset), "--imgsz", "64",
-            "--batch", "4", "--max-steps", "1", "--workers", "0", "--calib-images", "4", "--out", str(out)]
+            "--batch", "4", "--max-steps", "1", "--workers", "0", "--calib-images", "4", "--out", str(out),
+            "--ema", "--dampening", "0.1", "--freeze", "0.04", "0.01"]
     assert main(args) == 0
     assert (out / "last.pt").is_file() and (out / "model.yoloq").is_file()
     assert "trained 1 steps" in capsys.readouterr().out
+    saved = load_checkpoint(out / "last.pt")["config"]
+    assert saved["ema"] and saved["dampening"] == 0.1 and (saved["freeze_from"], saved["freeze_to"]) == (0.04, 0.01)
     resume = ["qat", "--resume", str(out / "last.pt"), "--data", str(toy_dataset), "--max-steps", "2",
               "--workers", "0", "--out", str(out)]
     assert main(resume) == 0

@@ -362,6 +362,13 @@ def add_qat_arguments(parser) -> None:
     parser.add_argument("--mosaic", action="store_true", help="mosaic augmentation")
     parser.add_argument("--no-augment", action="store_true", help="letterbox only, no augmentation")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: per epoch)")
+    parser.add_argument("--ema", action="store_true", help="EMA of weights, BN statistics and scales (the result)")
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--ema-tau", type=float, default=defaults.ema_tau, help="decay ramp length (steps)")
+    parser.add_argument("--dampening", type=float, default=0.0, help="oscillation dampening weight (0: off)")
+    parser.add_argument("--freeze", type=float, nargs=2, metavar=("FROM", "TO"), default=None,
+                        help="freeze weights oscillating above a threshold annealed FROM -> TO (e.g. 0.04 0.01)")
+
     parser.add_argument("--out", default="runs/qat", help="directory for last.pt and the trained model")
     parser.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     parser.add_argument("--eval", action="store_true", help="evaluate mAP before and after training")
@@ -382,7 +389,9 @@ def main_qat(args) -> int:
     config = QATConfig(epochs=args.epochs, batch=args.batch, imgsz=args.imgsz, lr=args.lr, scale_lr=args.scale_lr,
                        optimizer=args.optimizer, max_steps=args.max_steps, max_images=args.max_images,
                        seed=args.seed, workers=args.workers, mosaic=args.mosaic, augment=not args.no_augment,
-                       save_every=args.save_every)
+                       save_every=args.save_every, ema=args.ema, ema_decay=args.ema_decay, ema_tau=args.ema_tau,
+                       dampening=args.dampening, freeze_from=args.freeze[0] if args.freeze else 0.0,
+                       freeze_to=args.freeze[1] if args.freeze else 0.0)
     model = None
     if args.resume is None:
         model = prepare_qat(load_model(args.model), args.recipe or "w4a4", calib=args.data,
