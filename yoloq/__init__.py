@@ -31,4 +31,11 @@ __all__ += ["Metrics", "evaluate", "models", "QuantizedModel", "quantize", "Over
             "load_recipe", "QuantSpec", "load_quantized", "save", "prepare_qat", "QATConfig", "train_qat",
             "QATHook", "TrainingDiverged", "correct"]
 
+from yoloq.passes.integer_ops import LoweringError  # noqa: E402
+from yoloq.passes.lower_to_integer import LoweredModel, lower  # noqa: E402
+from yoloq.passes.eval_form import eval_form  # noqa: E402
+from yoloq.passes.check_integer import IntegerCheck, check_integer  # noqa: E402
+
+__all__ += ["LoweringError", "LoweredModel", "lower", "eval_form", "IntegerCheck", "check_integer"]
+
 __version__ = "0.1.0"
