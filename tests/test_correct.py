@@ -347,3 +347,21 @@ def test_dead_channel_with_floored_scale_folds_into_the_bias():
     before = layer(x)
     layer.fold_qc_()
     torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
+
+
+def test_channel_near_the_scale_floor_folds_within_float_rounding():
+    """Weights of ~1e-8 (scale near the floor) with γ < 1: the floor is kept, the error stays ~1e-8."""
+    conv = nn.Conv2d(2, 2, 1)
+    with torch.no_grad():
+        conv.weight[1].copy_(torch.tensor([3e-8, -5e-8]).view(2, 1, 1))
+    quant = FakeQuantize(QuantSpec(bits=4, granularity="per_channel"), 0)
+    quant(conv.weight.detach())
+    quant.calibrate_()
+    layer = QuantizedLayer(conv, quant, None).add_qc_()
+    with torch.no_grad():
+        layer.qc_scale.copy_(torch.tensor([0.5, 0.25]))
+        layer.qc_shift.copy_(torch.tensor([0.1, -0.2]))
+    x = torch.randn(3, 2, 4, 4)
+    before = layer(x)
+    layer.fold_qc_()
+    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
