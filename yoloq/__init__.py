@@ -38,4 +38,9 @@ from yoloq.passes.check_integer import IntegerCheck, check_integer  # noqa: E402
 
 __all__ += ["LoweringError", "LoweredModel", "lower", "eval_form", "IntegerCheck", "check_integer"]
 
+from yoloq.passes.export_onnx import ExportError, ExportReport, export_onnx  # noqa: E402
+from yoloq.passes.check_onnx import OnnxCheck, OnnxModel, check_onnx  # noqa: E402
+
+__all__ += ["ExportError", "ExportReport", "export_onnx", "OnnxCheck", "OnnxModel", "check_onnx"]
+
 __version__ = "0.1.0"

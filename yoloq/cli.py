@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     fix = verbs.add_parser("correct", help="after QAT: BN re-estimation and QC (per-channel γ, β), folded")
     _add_correct_arguments(fix)
     fix.set_defaults(run=_correct)
+    from yoloq.tools.integer_cli import add_export_arguments, add_lower_arguments, main_export, main_lower
+
+    lower = verbs.add_parser("lower", help="quantize, lower to the integer graph, print its bit-exact check")
+    add_lower_arguments(lower).set_defaults(run=main_lower)
+    export = verbs.add_parser("export", help="quantize, write QDQ ONNX, run it in ONNX Runtime against the integer graph")
+    add_export_arguments(export).set_defaults(run=main_export)
     return parser
 
 
