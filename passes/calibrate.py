@@ -1,7 +1,8 @@
 """Post-training calibration: observe float statistics, then fix every quantizer's parameters.
 
     1. every FakeQuantize observes and passes values through unchanged (the float network runs)
-    2. the batches run
+    2. the batches run; after each, every observer is told the batch ended (the roots of a shared
+       scale are pooled within a batch; ``quantizers/observers.py``)
     3. each quantizer computes scale / zero point (levels for non-uniform schemes) from what it saw
        and switches to quantizing
 
@@ -70,6 +71,8 @@ class Calibrate:
             with torch.no_grad():
                 for batch in self.batches:
                     gm(batch)
+                    for _, q in found:
+                        q.observer.end_batch()
         finally:
             gm.train(was_training)
         for _, q in found:

@@ -15,13 +15,22 @@ and reduces each row to a range:
 * mse:         ``argmin_c mean((Q_c(x) - x)^2)`` over 100 clipping ratios ``c`` from 1.0 to 0.2 of
                the batch's min-max range (``Q_c`` the spec's grid on ``c·[min, max]``; the uniform
                grid stands in for a codebook). The mean of the per-batch ranges.
+
 * entropy:     TensorRT calibration: a 2048-bin histogram of ``|x|``, threshold ``T = i·w`` with
                ``i`` minimising ``KL(P_i || Q_i)`` (``P_i`` the first ``i`` bins with the tail folded
                into the last, ``Q_i`` those bins merged into ``qmax + 1`` levels and spread back);
                range ``[max(min x, -T), min(max x, T)]``.
 
-Percentile and MSE sample at most ``SAMPLE_CAP`` elements per batch with a generator seeded per
-observer, so results are deterministic.
+For percentile and MSE a *batch* is everything observed since the last ``end_batch()`` (``range()``
+ends a pending one). The roots of a scale-sharing group (a Concat's inputs) each call the group's
+one quantizer once per forward pass, and ``calibrate`` ends the batch after the pass, so their
+values are pooled, each in proportion to its size, and one search fits the range they share.
+Fitting each root alone and averaging the ranges clips the widest root: on yolov5n (W8A8, COCO128)
+the concat quantizers alone then cost 33.5 dB SQNR at the head outputs; pooled, 38.0 dB, as with
+min-max ranges (38.4 dB).
+
+Percentile and MSE sample at most ``SAMPLE_CAP`` / ``MSE_SAMPLE_CAP`` elements per batch with a
+generator seeded per observer, so results are deterministic.
 """
 from __future__ import annotations
 
@@ -107,6 +116,9 @@ class Observer:
     def update(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def end_batch(self) -> None:
+        """Marks the end of one calibration batch; only observers that reduce per batch care."""
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lo, hi)``: 0-d per tensor, ``[rows]`` per channel or group."""
         if not self.observed:
@@ -144,24 +156,62 @@ class EmaMinMaxObserver(MinMaxObserver):
         self.lo, self.hi = lo, hi
 
 
+def pool_columns(a: torch.Tensor, a_width: int, b: torch.Tensor, b_width: int, cap: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One sample of the columns of two tensors, ``a`` and ``b`` being samples (or all) of their
+    ``a_width`` and ``b_width`` columns: both whole when they fit in ``cap``, else at most about
+    ``cap`` elements drawn (with replacement) from each in proportion to its width."""
+    if a.shape[1] == a_width and b.shape[1] == b_width and a.numel() + b.numel() <= cap:
+        return torch.cat([a, b], dim=1)
+    columns = max(cap // a.shape[0], 2)
+    from_a = min(max(round(columns * a_width / (a_width + b_width)), 1), columns - 1)
+    picks = [torch.randint(t.shape[1], (n,), generator=generator) for t, n in ((a, from_a), (b, columns - from_a))]
+    return torch.cat([a[:, picks[0].to(a.device)], b[:, picks[1].to(b.device)]], dim=1)
+
+
 class _BatchMeanObserver(MinMaxObserver):
-    """Reduces each (sampled) batch to a range with ``batch_range``; keeps the mean of those."""
+    """Reduces each batch (module docstring) to a range with ``batch_range`` on a sample of at most
+    ``sample_cap`` elements and the batch's extremes; keeps the mean of those ranges."""
+
+    sample_cap = SAMPLE_CAP
+
+    def __init__(self, spec: QuantSpec, channel_axis: int | None = None) -> None:
+        super().__init__(spec, channel_axis)
+        self.pending: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+        self.ended = 0  # batches reduced to a range
 
     def update(self, x: torch.Tensor) -> None:
         rows = self.rows(x)
-        lo, hi = self.batch_range(rows)
-        if self.batches > 1:
-            lo, hi = self.lo + (lo - self.lo) / self.batches, self.hi + (hi - self.hi) / self.batches
+        sample, width = sample_columns(rows, self.sample_cap, self.generator), rows.shape[1]
+        lo, hi = rows.amin(1), rows.amax(1)
+        if self.pending is not None:
+            pooled, pooled_width, pooled_lo, pooled_hi = self.pending
+            sample = pool_columns(pooled, pooled_width, sample, width, self.sample_cap, self.generator)
+            width, lo, hi = pooled_width + width, torch.minimum(pooled_lo, lo), torch.maximum(pooled_hi, hi)
+        self.pending = (sample, width, lo, hi)
+
+    def end_batch(self) -> None:
+        if self.pending is None:
+            return
+        sample, _, lo, hi = self.pending
+        self.pending = None
+        lo, hi = self.batch_range(sample, lo, hi)
+        self.ended += 1
+        if self.ended > 1:
+            lo, hi = self.lo + (lo - self.lo) / self.ended, self.hi + (hi - self.hi) / self.ended
         self.lo, self.hi = lo, hi
 
-    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.end_batch()
+        return self.lo, self.hi
+
+    def batch_range(self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range for one batch from a sample of its rows and their true extremes ``lo``, ``hi``."""
         raise NotImplementedError
 
 
 class PercentileObserver(_BatchMeanObserver):
-    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = rows.amin(1), rows.amax(1)
-        sample = sample_columns(rows, SAMPLE_CAP, self.generator)
+    def batch_range(self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.spec.percentile / 100.0
         if self.spec.symmetric:
             a = torch.quantile(sample.abs(), q, dim=1)
@@ -186,14 +236,15 @@ def grid_error_fn(spec: QuantSpec):
 
 
 class MseObserver(_BatchMeanObserver):
-    def batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = rows.amin(1).clamp(max=0.0), rows.amax(1).clamp(min=0.0)  # the extremes, before sampling
-        rows = sample_columns(rows, MSE_SAMPLE_CAP, self.generator)
+    sample_cap = MSE_SAMPLE_CAP
+
+    def batch_range(self, sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         quantized = grid_error_fn(self.spec)
         best_error = torch.full_like(lo, float("inf"))
         best_ratio = torch.ones_like(lo)
         for ratio in torch.linspace(1.0, MSE_MIN_RATIO, MSE_STEPS).tolist():
-            error = (quantized(rows, lo * ratio, hi * ratio) - rows).square().mean(1)
+            error = (quantized(sample, lo * ratio, hi * ratio) - sample).square().mean(1)
             better = error < best_error  # strict: on a tie the wider range stays
             best_error = torch.where(better, error, best_error)
             best_ratio = torch.where(better, ratio, best_ratio)

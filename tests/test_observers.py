@@ -116,6 +116,38 @@ def test_mse_per_channel_chooses_per_channel_and_handles_pot():
     assert 0 < float(pot_hi) < float(x[0].max())
 
 
+@pytest.mark.parametrize("name", ["mse", "percentile"])
+def test_tensors_of_one_batch_are_pooled_before_the_search(name):
+    """A shared quantizer sees each root of its group once per batch: one range for their union."""
+    wide, narrow = heavy_tailed(6000) * 10, heavy_tailed(3000, seed=1)
+    spec = QuantSpec(bits=4, observer=name)
+    observer = O.make_observer(spec)
+    observer.update(wide)
+    observer.update(narrow)
+    observer.end_batch()
+    assert all(torch.equal(a, b) for a, b in zip(observer.range(), observe(spec, torch.cat([wide, narrow]))))
+    averaged = (observe(spec, wide)[1] + observe(spec, narrow)[1]) / 2  # each root fitted alone
+    assert float(observer.range()[1]) > 1.2 * float(averaged)
+
+
+def test_pooling_keeps_sizes_in_proportion_when_sampling():
+    big, small = torch.rand(1, 300_000, generator=generator()), torch.rand(1, 100_000, generator=generator(1)) + 10
+    pooled = O.pool_columns(big, big.shape[1], small, small.shape[1], 40_000, generator())
+    assert pooled.shape == (1, 40_000)
+    assert abs(float((pooled > 5).float().mean()) - 0.25) < 0.01
+
+
+def test_batches_ended_separately_are_averaged():
+    a, b = heavy_tailed(4000), heavy_tailed(4000, seed=1) * 3
+    spec = QuantSpec(bits=4, observer="mse")
+    observer = O.make_observer(spec)
+    for x in (a, b):
+        observer.update(x)
+        observer.end_batch()
+    expected = (observe(spec, a)[1] + observe(spec, b)[1]) / 2
+    torch.testing.assert_close(observer.range()[1], expected)
+
+
 def test_entropy_range_is_inside_minmax_and_clips_outliers():
     x = torch.randn(50000, generator=generator())
     x[7] = 60.0

@@ -96,7 +96,9 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
     (needs ``recipe`` and ``calib`` batches).
 
     ``qat=True`` prepares for quantization-aware training: BatchNorm is not folded into the float
-    weights (it stays after the quantized conv, or is fold-simulated per ``recipe.qat_batchnorm``)."""
+    weights (it stays after the quantized conv, or is fold-simulated per ``recipe.qat_batchnorm``).
+    Without ``qat``, ``recipe.bias_correction`` adds ``bias_correction`` after calibration."""
+    from yoloq.passes.bias_correction import bias_correction
     from yoloq.passes.calibrate import calibrate
     from yoloq.passes.fold_conv_bn import fold_conv_bn
     from yoloq.passes.fuse_conv_act import fuse_conv_act
@@ -119,4 +121,6 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
             steps.append(("quantized", qat_batchnorm(recipe.qat_batchnorm)))
     if calib is not None:
         steps.append(("calibrated", calibrate(calib)))
+        if recipe is not None and recipe.bias_correction and not qat:  # QAT learns its biases
+            steps.append(("calibrated", bias_correction(calib)))
     return tuple(p for step, p in steps if order.index(step) <= order.index(stage))

@@ -121,6 +121,9 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     concat_policy: str = "shared"
     qat_batchnorm: str = "separate"
+    # After calibration, fold each quantized layer's mean output error into its bias (PTQ; see
+    # passes/bias_correction.py).
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -140,6 +143,8 @@ class Recipe:
             raise RecipeError(f"concat_policy: {self.concat_policy!r} is not one of {list(CONCAT_POLICIES)}")
         if self.qat_batchnorm not in QAT_BATCHNORM:
             raise RecipeError(f"qat_batchnorm: {self.qat_batchnorm!r} is not one of {list(QAT_BATCHNORM)}")
+        if not isinstance(self.bias_correction, bool):
+            raise RecipeError(f"bias_correction: {self.bias_correction!r} is not true or false")
 
     def resolve(self, name: str, roles: frozenset[str] | set[str] = frozenset()) -> LayerSpecs:
         """The specs of layer ``name`` with planner-assigned ``roles``: defaults, then overrides in order."""
@@ -170,6 +175,7 @@ class Recipe:
             **{kind: getattr(self, kind).to_dict() for kind in (*LAYER_KINDS, "input")},
             "concat_policy": self.concat_policy,
             "qat_batchnorm": self.qat_batchnorm,
+            "bias_correction": self.bias_correction,
             "overrides": [override.to_dict() for override in self.overrides],
         }
 
