@@ -53,6 +53,10 @@ def _quantize(args: argparse.Namespace) -> int:
     qm = quantize(model, args.recipe, calib=args.data, num_images=args.calib_images, imgsz=args.imgsz,
                   batch=args.batch)
     print(qm.report.format())
+    if args.plots:
+        from yoloq.tools.viz.plots import plot_report
+
+        print("\n" + "\n".join(f"wrote {path}" for path in plot_report(qm.report, args.plots)))
     if args.output:
         size = save(qm, args.output)
         print(f"\nsaved {args.output}: {size.file_bytes} bytes, {size.ratio:.2f}x smaller than the FP32 state_dict")
@@ -148,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--batch", type=int, default=8, help="calibration batch size")
     quant.add_argument("-o", "--output", help="write the quantized model here (packed integer weights)")
     quant.add_argument("--eval", action="store_true", help="also evaluate the quantized model on the data's val split")
+    quant.add_argument("--plots", metavar="DIR", help="write per-layer SQNR and bit-width charts (PNG) into DIR")
     quant.set_defaults(run=_quantize)
     evaluate = verbs.add_parser("eval", help="COCO mAP of a model on a YOLO-format dataset (pycocotools)")
     add_eval_arguments(evaluate).set_defaults(run=_eval)
@@ -165,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_lower_arguments(lower).set_defaults(run=main_lower)
     export = verbs.add_parser("export", help="quantize, write QDQ ONNX, run it in ONNX Runtime against the integer graph")
     add_export_arguments(export).set_defaults(run=main_export)
+    from yoloq.tools.viz.cli import add_viz_arguments, main_viz
+
+    viz = verbs.add_parser("viz", help="draw a pipeline stage (or two stages' diff) as an HTML page, SVG or DOT")
+    add_viz_arguments(viz).set_defaults(run=main_viz)
     return parser
 
 
