@@ -86,7 +86,8 @@ def _record(gm: fx.GraphModule, x: torch.Tensor) -> tuple[dict, object]:
 
 def _max_abs(a, b) -> float:
     left, right = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    return max((float((p.float() - q.float()).abs().max()) for p, q in zip(left, right)), default=0.0)
+    return max((float((p.float() - q.float()).abs().max()) for p, q in zip(left, right)
+                if isinstance(p, torch.Tensor) and p.numel()), default=0.0)
 
 
 @torch.no_grad()

@@ -29,6 +29,14 @@ Choices, measured in tests/test_export_onnx.py (tiny-yolo; yolov5n in the slow t
   With an 8-bit pre-activation (a recipe's ``pre_activation: {bits: 8, signed: false,
   symmetric: false}``) every Conv is DQ -> Conv -> Q(uint8) and ORT fuses it into QLinearConv
   (integer accumulation): tiny-yolo then gives our codes exactly, yolov5n 57 of 60 convs fused.
+    "qlinear"  for such 8-bit pre-activations: SiLU / Sigmoid / LeakyReLU / ReLU as the float ops
+             ORT fuses with their QDQ into QLinearSigmoid, QLinearMul, QLinearLeakyRelu (SiLU =
+             x·σ(x), σ on a uint8 grid of step 1/255): ORT's own lookup kernels instead of a Gather
+             over our table, which ORT runs ~10x slower than they (yolov5n at 640, 2 threads:
+             ~34 ms vs ~120 ms a frame). The price: σ is rounded on its way and ORT builds the
+             tables from its own float functions, so codes differ from the integer graph's by a
+             step here and there (benchmarks/ort_latency.py reports how far, and the mAP).
+             Wider grids and other activations are exported as with "keep".
   weights of 4 bits  INT4 initializers (opset 21; ORT runs INT4 DequantizeLinear; it has no INT4
                   QLinearConv, so the Conv runs in float); below opset 21 int8 initializers holding
                   the 4-bit codes (exact).
@@ -65,7 +73,8 @@ from yoloq.passes.plan_quantization import QUANT
 
 TORCHSCRIPT_MAX_OPSET = 20
 CONTAINERS = {(0, 255): torch.uint8, (-128, 127): torch.int8, (0, 65535): torch.uint16, (-32768, 32767): torch.int16}
-PRE_ACTIVATION = ("keep", "drop", "table")
+PRE_ACTIVATION = ("keep", "drop", "table", "qlinear")
+SIGMOID_GRID = (1.0 / 255.0, 0)  # "qlinear": uint8 scale and zero point of SiLU's sigmoid factor
 INT4_MARK = "codes4"  # initializer names of 4-bit weight codes, turned into INT4 after export
 
 
@@ -155,6 +164,29 @@ class TableActivation(nn.Module):
         p, o = self.pre, self.out
         return _TableActivation.apply(x, self.table, p.scale, p.zero_point, p.qmin, p.qmax, self.pre_dtype,
                                       o.scale, o.zero_point, self.table.dtype)
+
+
+class QLinearActivation(nn.Module):
+    """A fused activation as the float ops ONNX Runtime fuses with their QDQ neighbours into its
+    integer kernels, on an 8-bit pre-activation: LeakyReLU and ReLU between DQ and Q (QLinearLeakyRelu;
+    ReLU folds into the QLinearConv's range), Sigmoid as QLinearSigmoid, and SiLU as x·σ(x) with σ
+    on its own uint8 grid (``SIGMOID_GRID``): QLinearSigmoid then QLinearMul. ORT builds those
+    kernels' tables from its own float functions and rounds σ on the way, so codes differ from the
+    integer graph's single table by a step here and there (what ``check_onnx`` reports)."""
+
+    KINDS = (nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.ReLU)
+
+    def __init__(self, act: nn.Module, pre: Grid, opset: int):
+        super().__init__()
+        self.act, self.pre_qdq = act, QDQ(pre, opset)
+        sigmoid = Grid(*SIGMOID_GRID, 0, 255, None) if isinstance(act, nn.SiLU) else None
+        self.sigmoid_qdq = QDQ(sigmoid, opset) if sigmoid is not None else None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.pre_qdq(y)
+        if self.sigmoid_qdq is None:
+            return self.act(x)
+        return x * self.sigmoid_qdq(torch.sigmoid(x))
 
 
 class QDQ(nn.Module):
@@ -265,7 +297,7 @@ def qdq_module(qm, opset: int = 21, pre_activation: str = "table") -> tuple[nn.M
             set_module(gm, node.target, qdq)
         elif QUANT in node.meta and node.meta[QUANT].kind == "layer":
             conv = _qdq_conv(gm, node, grids, opset, pre_activation)
-            tabled = isinstance(conv.act, TableActivation)
+            tabled = isinstance(conv.act, (TableActivation, QLinearActivation))
             if conv.act is not None and not tabled and (conv.pre_qdq is None or conv.pre_qdq.dtype is None):
                 left_float.append(f"{node.target}:pre_activation")
             set_module(gm, node.target, conv)
@@ -289,6 +321,11 @@ def _qdq_conv(gm: fx.GraphModule, node: fx.Node, grids, opset: int, pre_activati
         if pre_type is not None and out_type is not None and out_type.itemsize == 1:
             module.pre_qdq, module.act = None, TableActivation(module.act, pre, out, opset)
         # else (a 16-bit pre-activation below opset 21, or a 16-bit output): as "keep"
+    elif pre is not None and pre_activation == "qlinear":
+        eight_bit = pre.qmax - pre.qmin <= 255 and out.qmax - out.qmin <= 255
+        if eight_bit and isinstance(module.act, QLinearActivation.KINDS):
+            module.pre_qdq, module.act = None, QLinearActivation(module.act, pre, opset)
+        # else (a wider grid, or an activation ORT has no integer kernel for): as "keep"
     return module
 
 

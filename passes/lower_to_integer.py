@@ -39,7 +39,7 @@ from yoloq.passes.integer_ops import (
     DequantizeOutput, Grid, IntConv2d, IntRequantize, IntSum, LoweringError, Lut, QuantizeInput,
     UpsampleNearestCodes, conv_requant, grid_of, lookup_table, sum_requant, upsample_factors,
 )
-from yoloq.passes.plan_quantization import CONCATS, QUANT
+from yoloq.passes.plan_quantization import CONCATS, DTYPE_ONLY, QUANT
 from yoloq.pipeline import PassResult
 from yoloq.quantizers.fake_quantize import FakeQuantize
 
@@ -152,7 +152,12 @@ def _lower_node(low: _Lowering, node: fx.Node) -> None:
         _lower_compute(low, node)
     elif kind == "passthrough":
         _lower_passthrough(low, node)
-    else:  # guards, shape reads: copied as they are
+    elif node.op == "call_method" and node.target in DTYPE_ONLY and node.args[DTYPE_ONLY[node.target]] in low.env \
+            and low.env[node.args[DTYPE_ONLY[node.target]]] in low.grids:
+        # e.g. arange(...).type_as(feature): the feature now holds integer codes, its float dtype is meant
+        dtype = node.meta["yoloq.example"].dtype
+        low.env[node] = low.graph.call_method("to", (low.env[node.args[0]], dtype))
+    else:  # guards, shape reads, shape constants (anchor grids): copied as they are
         _copy(low, node, module=copy.deepcopy(low.module(node)) if node.op == "call_module" else None)
 
 
@@ -278,6 +283,8 @@ def _lower_output(low: _Lowering, node: fx.Node) -> None:
     def dequantize(arg: fx.Node) -> fx.Node:
         codes = low.env[arg]
         grid = low.grids.get(codes)
+        if grid is None and QUANT in arg.meta and arg.meta[QUANT].kind == "none":
+            return codes  # a shape constant for the decoder (anchor grid), float in both graphs
         if grid is None:
             raise LoweringError(f"head output {arg.name} is not quantized; the integer graph hands over "
                                 "quantized head outputs only")

@@ -142,6 +142,35 @@ def test_table_beats_keep_beats_drop(tmp_path, recipe):
     assert checks["drop"].integer_distance <= 0.01 * _head_range(qm), checks["drop"].verdict
 
 
+def test_qlinear_activations_run_as_ort_integer_kernels(tmp_path):
+    """pre_activation="qlinear": SiLU as DQ -> Sigmoid -> Q -> DQ -> Mul -> Q, which ORT turns into
+    QLinearSigmoid and QLinearMul (no Gather table); its own tables round σ on a uint8 grid, so the
+    heads stay close to the integer graph's, not equal (measured on tiny-yolo: a few % of values)."""
+    u8 = QuantSpec(bits=8, signed=False, symmetric=False)
+    qm = _quantized(dataclasses.replace(load_recipe("w8a8"), pre_activation=u8, overrides=()))
+    path, report = _export(qm, tmp_path, pre_activation="qlinear")
+    with_table, table = _export(qm, tmp_path, "table.onnx")
+    tables = table.op_counts["Gather"] - report.op_counts["Gather"]  # the decoder has Gathers of its own
+    assert tables >= 14 and report.op_counts["Sigmoid"] - table.op_counts.get("Sigmoid", 0) >= tables - 1
+    assert report.float_tensors == ()
+    optimized = tmp_path / "optimized.onnx"
+    onnx_session(path, optimized_path=optimized)
+    ops = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+    assert {"QLinearConv", "QLinearSigmoid", "QLinearMul"} <= ops
+    assert fused_convs(path) == fused_convs(with_table) == (18, 1)
+    check = check_onnx(path, yoloq.lower(qm), qm, _calib())
+    assert 0 < check.differing and check.integer_distance <= 0.05 * _head_range(qm), check.verdict
+    assert check.reference_distance <= 0.05 * _head_range(qm)
+
+
+def test_qlinear_keeps_activations_ort_cannot_fuse_as_keep(tmp_path):
+    """A 16-bit pre-activation (the w8a8 preset) has no QLinear kernel: exported as with "keep"."""
+    qm = _quantized()
+    _, qlinear = _export(qm, tmp_path, "q.onnx", pre_activation="qlinear")
+    _, keep = _export(qm, tmp_path, "k.onnx", pre_activation="keep")
+    assert qlinear.op_counts == keep.op_counts
+
+
 def test_8bit_pre_activations_fuse_into_qlinearconv_and_are_exact(tmp_path):
     """With uint8 pre-activations and heads every network conv is DQ -> Conv -> Q, which ORT
     fuses; its integer accumulation then gives our codes, but for near-ties of its float

@@ -293,3 +293,31 @@ def test_runs_as_a_pass_in_the_pipeline_runner():
     fresh.get_submodule("activation_quantizers.g0").scale = torch.empty(0)
     with pytest.raises(PassError, match="uncalibrated"):
         run_pipeline(fresh, (lower_to_integer,))
+
+
+def test_yolov8n_anchor_grid_stays_float_and_lowers_bit_exact():
+    """YOLOv8's head builds its anchor points from arange(...).type_as(feature): constants for the
+    input size, which must stay float (no quantizer; an 8-bit grid of anchor points would move
+    every box) and reach the decoder unchanged from the integer graph."""
+    pytest.importorskip("ultralytics")
+    from yoloq.passes.plan_quantization import QUANT
+    from yoloq.sources import load_model
+
+    qm = _quantized(model=load_model("yolov8n.yaml"))
+    nodes = {n.name: n for n in qm.graph_module.graph.nodes}
+    anchors = [n for n in nodes.values() if n.op == "call_method" and n.target == "type_as"]
+    assert anchors and all(n.meta[QUANT].kind == "none" for n in anchors)
+    assert not any(u.meta.get(QUANTIZES) for n in anchors for u in n.users)
+    lowered = lower(qm)
+    x = _calib()[1]
+    check = check_integer(lowered, qm, x)
+    assert check.differing == 0, check.verdict
+    with torch.no_grad():
+        ours, reference = lowered.graph_module(x), qm.graph_module(x)
+    aux = qm.graph_module.meta["yoloq.aux_outputs"]
+    assert aux
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(reference)):
+        if isinstance(a, torch.Tensor) and not a.is_floating_point():
+            pytest.fail("an integer tensor left the integer graph")
+    grids = [a for a in torch.utils._pytree.tree_leaves(ours) if isinstance(a, torch.Tensor) and a.dim() == 2]
+    assert grids and all(g.dtype == torch.float32 and (g * 2 % 1 == 0).all() for g in grids)  # k + 0.5

@@ -34,9 +34,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("-o", "--output", required=True, help="the ONNX file to write")
     parser.add_argument("--opset", type=int, default=21, help="ONNX opset (21: int16 and INT4 Q/DQ; 13-20: "
                                                                "16-bit tensors stay float, 4-bit codes in int8)")
-    parser.add_argument("--pre-activation", choices=("table", "keep", "drop"), default="table",
-                        help="a fused activation as the integer graph's table over its 16-bit input codes "
-                             "(exact), as int16 QDQ + float activation, or as a float activation")
+    parser.add_argument("--pre-activation", choices=("table", "keep", "drop", "qlinear"), default="table",
+                        help="a fused activation as the integer graph's table over its input codes "
+                             "(exact), as int16 QDQ + float activation, as a float activation, or (8-bit "
+                             "pre-activations) as the QLinear kernels ONNX Runtime fuses (fastest, near)")
     parser.add_argument("--check", type=int, default=2, help="calibration images ONNX Runtime is checked on")
     return parser
 
