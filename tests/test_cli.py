@@ -27,13 +27,20 @@ def test_unknown_model_and_stage_are_clear_errors(capsys):
     assert "missing.pt does not exist" in capsys.readouterr().err
 
 
-def test_demo_on_the_tiny_model(capsys):
-    assert main(["demo", "--model", "tiny-yolo", "--imgsz", "128"]) == 0
+def test_demo_on_the_tiny_model(capsys, tmp_path):
+    """The main job: capture table, then quantize -> lower -> check -> export -> ORT -> HTML per recipe."""
+    assert main(["demo", "--model", "tiny-yolo", "--imgsz", "128", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    capture_table, quantize_table = out.split("yoloq.quantize")
+    capture_table, chain_table = out.split("quantize -> lower")
     assert "tiny-yolo" in capture_table and "14 -> 0" in capture_table and capture_table.rstrip().endswith("ok")
-    rows = [line.split() for line in quantize_table.splitlines() if line.startswith("tiny-yolo")]
-    assert [r[1] for r in rows] == ["w8a8", "w4a4"] and all(r[2] == "49" for r in rows)
+    rows = [line.split() for line in chain_table.splitlines() if line.startswith("tiny-yolo")]
+    assert [r[1] for r in rows] == ["w8a8", "w4a4"]
+    assert all(r[6] == "0" for r in rows)  # integer graph vs fake-quant graph: no differing code
+    for recipe in ("w8a8", "w4a4"):
+        page = (tmp_path / f"tiny-yolo-{recipe}.html").read_text()
+        assert "<svg" in page and "http://" not in page.replace("http://www.w3.org", "")
+        assert (tmp_path / f"tiny-yolo-{recipe}.onnx").stat().st_size > 10_000
+        assert sorted(p.name for p in (tmp_path / f"tiny-yolo-{recipe}-charts").glob("*.png")) == ["bits.png", "sqnr.png"]
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def _graph(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from yoloq.demo import main
 
-    return main(args.model or None, args.imgsz, data=args.data)
+    return main(args.model or None, args.imgsz, data=args.data, out=args.out, eval_images=args.eval_images)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", action="append", help="model to use instead of the defaults (repeatable)")
     demo.add_argument("--imgsz", type=int, default=640)
     demo.add_argument("--data", help="data.yaml to calibrate on (e.g. with --model a checkpoint)")
+    demo.add_argument("--out", default="yoloq-demo", help="folder for the .yq, .onnx, .html and chart files")
+    demo.add_argument("--eval-images", type=int, default=16, help="with --data: validation images to score")
     demo.set_defaults(run=_demo)
     from yoloq.tools.evaluate import add_eval_arguments
 
