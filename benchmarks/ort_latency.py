@@ -1,0 +1,161 @@
+"""ONNX Runtime latency and accuracy of yoloq's QDQ export against FP32 and ORT's own static INT8.
+
+Model yolov5n.pt at 640, batch 1, ORT CPU sessions with 2 intra-op threads; calibration on the
+first 32 COCO128 train images, mAP on all 128 at 640 square (the exported files have a fixed
+input size, so every row, FP32 included, is scored on letterboxed squares; train = val here).
+
+Rows (one JSON line each; ``ratio_fp32`` and ``ratio_ort`` divide the row's median by the FP32
+row's and by ORT's own INT8 row's, all timed in the same rounds):
+  fp32              the float model exported by the TorchScript exporter (opset 17)
+  ort-static        ``quantize_static`` of that file (QDQ, per-channel int8 weights, uint8
+                    activations, MinMax; decoder excluded, as benchmarks/peers.py explains)
+  yoloq-w8a8        the w8a8 preset: 16-bit pre-activations feed the activation tables, which ORT
+                    cannot fuse (QLinearConv outputs 8 bits), so its convs run in float
+  yoloq-w8a8-u8pre-table  w8a8 with 8-bit unsigned pre-activations: every network conv is
+                    DQ -> Conv -> Q(uint8), which ORT fuses into QLinearConv, then the integer
+                    graph's table as Gather (exact, but ORT's Gather is ~10x slower than its own
+                    lookup kernels)
+  yoloq-w8a8-u8pre  the same model exported with ``pre_activation="qlinear"``: SiLU as
+                    QLinearSigmoid + QLinearMul, the kernels ORT's own INT8 uses
+  yoloq-w4a8-u8pre  4-bit weights (INT4 initializers, opset 21) with the same 8-bit activations:
+                    what 4 bits buy (file size) and cost (ORT has no INT4 QLinearConv)
+``vs_integer_graph_*``: ORT's head outputs against the integer graph's on one image (max and mean
+|difference|, share of differing values).
+plus, for the record, the integer GraphModule (``yoloq.lower``) and the fake-quant graph in torch.
+
+Timing: every variant is warmed up (``--warmup`` runs), then ``--runs`` rounds each run every
+variant once in turn (so a slow spell of the VM hits all alike) and the median is reported.
+
+    python benchmarks/ort_latency.py [--runs 30] [--warmup 10] [--no-map] [--percentile]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (benchmarks/peers.py: the float export and ORT's quantize_static)
+
+import yoloq  # noqa: E402
+from yoloq.passes.check_onnx import OnnxModel, check_onnx, fused_convs  # noqa: E402
+from yoloq.quantize import calibration_batches  # noqa: E402
+from yoloq.quantizers.spec import QuantSpec  # noqa: E402
+from yoloq.recipe import load_recipe  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+U8 = QuantSpec(bits=8, signed=False, symmetric=False)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    run: object  # callable(x) -> anything
+    module: torch.nn.Module | None = None  # scored by yoloq.evaluate; None: timed only
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def _exports() -> dict[str, tuple[object, str]]:
+    """Row name -> (recipe, ``export_onnx``'s pre_activation mode)."""
+    w8a8, w4a8 = load_recipe("w8a8"), load_recipe("w4a8")
+    w8a8_u8 = dataclasses.replace(w8a8, name="w8a8-u8pre", pre_activation=U8)
+    return {"yoloq-w8a8": (w8a8, "table"),
+            "yoloq-w8a8-u8pre-table": (w8a8_u8, "table"),
+            "yoloq-w8a8-u8pre": (w8a8_u8, "qlinear"),
+            "yoloq-w4a8-u8pre": (dataclasses.replace(w4a8, name="w4a8-u8pre", pre_activation=U8), "qlinear")}
+
+
+def _onnx_variant(name: str, path: Path, module: torch.nn.Module, **extra) -> Variant:
+    fused, convs = fused_convs(path)
+    return Variant(name, module, module, {"fused_convs": f"{fused}/{fused + convs}",
+                                          "file_kb": round(path.stat().st_size / 1e3), **extra})
+
+
+def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
+    model = yoloq.models.load(args.weights).eval()
+    calib = calibration_batches(args.data, num_images=args.calib, imgsz=args.imgsz, batch=8)
+    x = calib[0][:1].contiguous()
+    variants = []
+
+    peers.export_onnx(model, workdir / "fp32.onnx", args.imgsz)
+    path = workdir / "fp32.onnx"
+    variants.append(_onnx_variant("fp32", path, peers.OnnxRuntimeModule(path).eval()))
+
+    singles = [image[None] for batch in calib for image in batch]
+    for method in ("minmax", "percentile") if args.percentile else ("minmax",):
+        ort_dir = workdir / f"ort-{method}"
+        ort_dir.mkdir()
+        peers.onnxruntime_static(model, singles, args.imgsz, method, dir=ort_dir)
+        path = ort_dir / f"{method}.onnx"
+        name = "ort-static" if method == "minmax" else "ort-static-percentile"
+        variants.append(_onnx_variant(name, path, peers.OnnxRuntimeModule(path).eval()))
+
+    quantized = {}
+    for name, (recipe, mode) in _exports().items():
+        if recipe.name not in quantized:
+            quantized[recipe.name] = yoloq.quantize(model, recipe, calib=calib)
+        qm = quantized[recipe.name]
+        path = workdir / f"{name}.onnx"
+        report = yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode)
+        module = OnnxModel(path, args.threads).eval()
+        check = check_onnx(path, yoloq.lower(qm), qm, [x])
+        variants.append(_onnx_variant(name, path, module, export=mode, int4_weights=report.int4_weights,
+                                      vs_integer_graph_max=round(check.integer_distance, 4),
+                                      vs_integer_graph_mean=float(f"{check.mean_distance:.3g}"),
+                                      vs_integer_graph_differing=round(check.differing, 4)))
+    lowered = yoloq.lower(quantized["w8a8"]).eval()
+    variants.append(Variant("torch-integer-graph-w8a8", lowered.graph_module))
+    variants.append(Variant("torch-fake-quant-w8a8", quantized["w8a8"].graph_module.eval()))
+    return variants, x
+
+
+def time_variants(variants: list[Variant], x: torch.Tensor, runs: int, warmup: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    with torch.no_grad():
+        for v in variants:
+            for _ in range(warmup):
+                v.run(x)
+        for _ in range(runs):
+            for v in variants:
+                start = time.perf_counter()
+                v.run(x)
+                times[v.name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n.pt"))
+    parser.add_argument("--data", default=str(SHARED / "coco128" / "data.yaml"))
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--no-map", action="store_true", help="latency only")
+    parser.add_argument("--percentile", action="store_true",
+                        help="also ORT's Percentile calibration (slow: ~10 GB, minutes)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="yoloq-ort-latency-") as tmp:
+        variants, x = build(args, Path(tmp))
+        ms = time_variants(variants, x, args.runs, args.warmup)
+        for v in variants:
+            row = {"row": v.name, "median_ms": round(ms[v.name], 2),
+                   "ratio_fp32": round(ms[v.name] / ms["fp32"], 3),
+                   "ratio_ort": round(ms[v.name] / ms["ort-static"], 3), **v.extra}
+            if v.module is not None and not args.no_map:
+                metrics = yoloq.evaluate(v.module, args.data, imgsz=args.imgsz, rect=False)
+                row.update(map50_95=round(metrics.map50_95, 4), map50=round(metrics.map50, 4))
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
