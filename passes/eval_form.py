@@ -6,12 +6,16 @@
              (``integer_ops``: same M0, n, integer bias and round-half-up rule as the integer graph)
 
              a + b -> Q_out   becomes   EvalFormCodes(IntSum)(a, b) -> Q_out
+             a @ b -> Q_out   becomes   EvalFormMatmul(a, b) -> Q_out   (float64 accumulator, same M0, n)
+             softmax(a, -1)   becomes   EvalFormCodes(IntSoftmax)(a)    (the integer algorithm itself:
+                                        the fake-quant graph's float softmax is not its evaluation form)
 
 ``EvalFormConv`` computes the accumulator in float64 from the values it is given: x̂/s_x rounds back
 to q − z exactly (x̂ = (q − z)·s_x in float32, relative error 2^−24, |q − z| < 2^16), and a float64
 convolution of integers is exact while every partial sum stays below 2^53 (checked from the same
-bound as the int32 one). Activations, MaxPool, Upsample and shared-scale Concat stay float modules;
-the quantizer nodes stay ``FakeQuantize``. So the integer graph, which uses integer convolutions,
+bound as the int32 one); ``EvalFormMatmul`` likewise, while K·A·B < 2^53 (K the inner size, A, B
+the operands' largest |q − z|; checked). Activations, MaxPool, Upsample and shared-scale Concat stay
+float modules; the quantizer nodes stay ``FakeQuantize``. So the integer graph, which uses integer convolutions,
 lookup tables and code moves instead, must give the same codes at every quantized tensor.
 """
 from __future__ import annotations
@@ -26,10 +30,10 @@ from torch import nn
 from yoloq.passes.graph_utils import mark, set_module
 from yoloq.passes.insert_quantizers import QUANTIZES, QuantizedLayer
 from yoloq.passes.integer_ops import (
-    ConvRequant, Grid, IntRequantize, IntSum, LoweringError, clamp_codes, conv_requant, grid_of, round_shift,
-    sum_requant,
+    ConvRequant, Grid, IntRequantize, IntSoftmax, IntSum, LoweringError, MatmulRequant, clamp_codes, conv_requant,
+    grid_of, matmul_requant, requantize, round_shift, softmax_requant, sum_requant,
 )
-from yoloq.passes.lower_to_integer import ADDS, CODES_OF, METHOD_ADDS
+from yoloq.passes.lower_to_integer import ADDS, CODES_OF, METHOD_ADDS, is_matmul, softmax_input
 from yoloq.passes.plan_quantization import CONCATS, QUANT
 
 NAME = "eval_form"
@@ -71,6 +75,25 @@ class EvalFormCodes(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return self.out_quant.dequantize(self.op(*(to_codes(x, g) for x, g in zip(xs, self.inputs))))
+
+
+class EvalFormMatmul(nn.Module):
+    """The matmul's accumulator in float64 from the values (exact: every partial sum is an integer
+    below K·A·B < 2^53), requantized with ``integer_ops.requantize`` and the shared M0, n."""
+
+    def __init__(self, p: MatmulRequant, a: Grid, b: Grid, out: Grid):
+        super().__init__()
+        self.p, self.grids, self.out_grid = p, (a, b), out
+        self.per_term = a.max_centred * b.max_centred
+        self.out_quant = copy.deepcopy(out.quantizer)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape[-1] * self.per_term >= FLOAT64_EXACT:
+            raise LoweringError(f"matmul bound K·A·B = {a.shape[-1] * self.per_term} passes float64's exact "
+                                "integers")
+        a, b = (torch.round(t / g.scale).double() for t, g in zip((a, b), self.grids))
+        acc = torch.matmul(a, b).to(torch.int64)
+        return self.out_quant.dequantize(requantize(acc, self.p.m0, self.p.shift, self.out_grid))
 
 
 def tensor_grids(gm: fx.GraphModule) -> dict[fx.Node, Grid]:
@@ -135,10 +158,7 @@ def _rewrite_compute(gm: fx.GraphModule, node: fx.Node, grids) -> None:
     if sign is not None and len(node.all_input_nodes) == 2 and len(node.args) == 2 and not node.kwargs:
         inputs = [grids[a] for a in node.args]
         op = IntSum(sum_requant(inputs, [1, sign], out_grid, f"node {node.name}"), inputs, out_grid)
-        target = f"eval_form_{node.name}"
-        gm.add_module(target, EvalFormCodes(op, inputs, out_grid))
-        node.op, node.target, node.kwargs = "call_module", target, {}  # in place: the name stays
-        mark(node, NAME)
+        _to_module(gm, node, EvalFormCodes(op, inputs, out_grid), node.args)
     elif node.op == "call_function" and node.target in CONCATS:
         parts = []
         for i, arg in enumerate(node.args[0]):
@@ -151,4 +171,22 @@ def _rewrite_compute(gm: fx.GraphModule, node: fx.Node, grids) -> None:
                 arg.meta[CODES_OF], arg.meta[GRID] = f"{node.name}:input_{i}", out_grid
             parts.append(arg)
         node.args = (parts, *node.args[1:])
+    elif is_matmul(node):
+        a, b = node.args
+        if a not in grids or b not in grids:
+            raise LoweringError(f"node {node.name}: a matmul operand is not a quantized tensor")
+        inner = a.meta["yoloq.example"].shape[-1]
+        p = matmul_requant(grids[a], grids[b], out_grid, inner, f"node {node.name}")
+        _to_module(gm, node, EvalFormMatmul(p, grids[a], grids[b], out_grid), (a, b))
+    elif (arg := softmax_input(gm, node)) is not None:
+        p = softmax_requant(grids[arg], out_grid, node.meta["yoloq.example"].shape[-1], f"node {node.name}")
+        _to_module(gm, node, EvalFormCodes(IntSoftmax(p, out_grid), [grids[arg]], out_grid), (arg,))
     # pointwise modules stay float: act then the output quantizer, as in the fake-quant graph
+
+
+def _to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: tuple) -> None:
+    """``node`` becomes a call of ``module`` on ``args``, in place: its name (the check's key) stays."""
+    target = f"eval_form_{node.name}"
+    gm.add_module(target, module)
+    node.op, node.target, node.args, node.kwargs = "call_module", target, tuple(args), {}
+    mark(node, NAME)

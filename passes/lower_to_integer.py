@@ -11,7 +11,12 @@ Between ``QuantizeInput`` and ``DequantizeOutput`` every tensor is integer codes
                          then Lut: a table over every pre-activation code → output codes
                          (a layer without activation requantizes straight to its output grid)
     Add / Sub            IntSum: inputs requantized to the output grid in one rounding
-    pointwise module     Lut over its input's codes (SiLU, Sigmoid, Hardswish, anything pointwise)
+    pointwise module     Lut over its input's codes (SiLU, Sigmoid, Hardswish, anything pointwise;
+                         a scalar multiply such as attention's ``q * scale`` too)
+    matmul of two        IntMatmul: integer matmul of (q_a − z_a), (q_b − z_b), dyadic requantization
+    quantized tensors
+    softmax (last dim)   IntSoftmax: exponential table over max_row(q) − q, integer row sum, one
+                         integer division (``integer_ops``)
     Concat (requantize)  IntRequantize on each input whose grid differs, then cat
     MaxPool, views,      the same op on codes (a shared-scale group: no arithmetic)
     cat (shared), chunk
@@ -30,14 +35,16 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from yoloq.passes.fuse_conv_act import is_pointwise
 from yoloq.passes.graph_utils import mark
 from yoloq.passes.insert_quantizers import QUANTIZES, QuantizedLayer
 from yoloq.passes.integer_ops import (
-    DequantizeOutput, Grid, IntConv2d, IntRequantize, IntSum, LoweringError, Lut, QuantizeInput,
-    UpsampleNearestCodes, conv_requant, grid_of, lookup_table, sum_requant, upsample_factors,
+    DequantizeOutput, Grid, IntConv2d, IntMatmul, IntRequantize, IntSoftmax, IntSum, LoweringError, Lut,
+    QuantizeInput, UpsampleNearestCodes, conv_requant, grid_of, lookup_table, matmul_requant, softmax_requant,
+    sum_requant, upsample_factors,
 )
 from yoloq.passes.plan_quantization import CONCATS, DTYPE_ONLY, QUANT
 from yoloq.pipeline import PassResult
@@ -48,6 +55,9 @@ CODES_OF = "yoloq.codes_of"  # node.meta: name of the fake-quant tensor whose co
 BOUNDARY = "yoloq.boundary"  # node.meta: "input" / "output" on the two float boundary nodes
 ADDS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
 METHOD_ADDS = {"add": 1, "__add__": 1, "sub": -1, "__sub__": -1}
+MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
+METHOD_MATMULS = {"matmul", "__matmul__", "bmm", "mm"}
+SOFTMAXES = {torch.softmax, F.softmax}
 
 
 class LoweredModel(nn.Module):
@@ -69,8 +79,8 @@ class _Lowering:
         self.old, self.graph, self.root = gm, fx.Graph(), nn.Module()
         self.env: dict[fx.Node, fx.Node] = {}
         self.grids: dict[fx.Node, Grid] = {}
-        self.stats = {"conv": 0, "lut": 0, "sum": 0, "int64_layers": [], "max_accumulator_bound": 0,
-                      "min_multiplier_bits": 31}
+        self.stats = {"conv": 0, "lut": 0, "sum": 0, "matmul": 0, "softmax": 0, "int64_layers": [],
+                      "max_accumulator_bound": 0, "min_multiplier_bits": 31}
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.old.get_submodule(node.target)
@@ -206,6 +216,13 @@ def _lower_compute(low: _Lowering, node: fx.Node) -> None:
         low.stats["sum"] += 1
     elif node.op == "call_function" and node.target in CONCATS:
         _lower_requantized_cat(low, node, q.name, out_grid)
+    elif is_matmul(node):
+        _lower_matmul(low, node, q.name, out_grid)
+    elif (arg := softmax_input(low.old, node)) is not None:
+        x, x_grid = _input(low, node, arg)
+        params = softmax_requant(x_grid, out_grid, node.meta["yoloq.example"].shape[-1], f"node {node.name}")
+        low.env[node] = low.emit(node.name, IntSoftmax(params, out_grid), (x,), q.name, out_grid)
+        low.stats["softmax"] += 1
     elif len(tensors) == 1 and (fn := _pointwise(low, node)) is not None:
         x, x_grid = _input(low, node, tensors[0])
         low.env[node] = low.emit(node.name, Lut(lookup_table(fn, x_grid, out_grid), x_grid), (x,), q.name, out_grid)
@@ -214,6 +231,57 @@ def _lower_compute(low: _Lowering, node: fx.Node) -> None:
         what = node.target if node.op != "call_module" else type(low.module(node)).__name__
         raise LoweringError(f"node {node.name}: {node.op} {what} is not supported by the integer lowering; "
                             "keep it in float through the recipe, or cut the graph before it")
+
+
+def is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in MATMULS) or (
+        node.op == "call_method" and node.target in METHOD_MATMULS)
+
+
+def softmax_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input of a softmax over the last dim; None when ``node`` is no softmax; LoweringError for a
+    softmax the integer graph cannot compute (another dim, a dtype argument)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.Softmax):
+            return None
+        dim, dtype = module.dim, None
+    elif (node.op == "call_function" and node.target in SOFTMAXES) or (
+            node.op == "call_method" and node.target == "softmax"):
+        at = 3 if node.target is F.softmax else 2  # F.softmax(input, dim, _stacklevel, dtype)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dtype = node.kwargs.get("dtype", node.args[at] if len(node.args) > at else None)
+    else:
+        return None
+    ndim = len(node.meta["yoloq.example"].shape)
+    if dim not in (-1, ndim - 1) or dtype is not None:
+        raise LoweringError(f"node {node.name}: softmax over dim {dim} of a {ndim}-d tensor (dtype {dtype}) is "
+                            "not supported: the integer softmax runs over the last dim in the input's dtype; "
+                            "transpose the reduced dim to the end, or keep it in float through the recipe")
+    return node.args[0]
+
+
+def _lower_matmul(low: _Lowering, node: fx.Node, key: str, out_grid: Grid) -> None:
+    operands = node.args
+    if len(operands) != 2 or node.kwargs:
+        raise LoweringError(f"node {node.name}: {node.target} called with {len(operands)} positional arguments "
+                            f"and {sorted(node.kwargs)}; the integer lowering reads matmul(a, b) only")
+    for arg in operands:
+        if not isinstance(arg, fx.Node) or low.grids.get(low.env.get(arg)) is None:
+            name = arg.name if isinstance(arg, fx.Node) else repr(arg)
+            raise LoweringError(f"node {node.name}: {node.target} with operand {name}, which is not a quantized "
+                                "tensor (a float constant or weight?); the integer matmul multiplies two quantized "
+                                "activations: make a constant operand a Conv2d/Linear layer, or keep it in float "
+                                "through the recipe")
+    (a, a_grid), (b, b_grid) = (_input(low, node, arg) for arg in operands)
+    inner = operands[0].meta["yoloq.example"].shape[-1]
+    params = matmul_requant(a_grid, b_grid, out_grid, inner, f"node {node.name}")
+    low.env[node] = low.emit(node.name, IntMatmul(params, a_grid, b_grid, out_grid), (a, b), key, out_grid)
+    low.stats["matmul"] += 1
+    low.stats["max_accumulator_bound"] = max(low.stats["max_accumulator_bound"], params.bound)
+    low.stats["min_multiplier_bits"] = min(low.stats["min_multiplier_bits"], params.multiplier_bits)
+    if params.accumulator == torch.int64:
+        low.stats["int64_layers"].append(node.name)
 
 
 def _pointwise(low: _Lowering, node: fx.Node):
