@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from yoloq.passes.eval_form import GRID, eval_form, to_codes
-from yoloq.passes.graph_utils import reads_metadata_only
+from yoloq.passes.graph_utils import image_dependent
 from yoloq.passes.lower_to_integer import BOUNDARY, CODES_OF
 
 
@@ -147,22 +147,11 @@ class _FloatOps(TorchDispatchMode):
         return out
 
 
-def image_dependent(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes whose values depend on the input's values. Shape reads cut the dependence, so the anchor
-    grids a YOLOv8 / YOLO11 head builds from ``arange`` and feature-map sizes (float constants for an
-    input size, handed to the decoder as they are) are not in it."""
-    depends: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or (not reads_metadata_only(n) and any(a in depends for a in n.all_input_nodes)):
-            depends.add(n)
-    return depends
-
-
 class _IntegerOnly(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.found: list[str] = []
-        self.dependent = image_dependent(gm)
+        self.dependent = image_dependent(gm.graph.nodes)
 
     def run_node(self, n: fx.Node):
         if n.op in ("placeholder", "output") or BOUNDARY in n.meta or n not in self.dependent:

@@ -39,6 +39,29 @@ def reads_metadata_only(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _METADATA_METHODS
 
 
+# call_method -> the position of an argument read only for its dtype (not its values)
+DTYPE_ONLY = {"type_as": 1}
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values (not only their dtype) reach ``node``'s value."""
+    skip = DTYPE_ONLY.get(node.target) if node.op == "call_method" else None
+    if skip is None or skip >= len(node.args):
+        return node.all_input_nodes
+    return [a for a in node.all_input_nodes if a is not node.args[skip]]
+
+
+def image_dependent(nodes) -> set[fx.Node]:
+    """Nodes whose values depend on the input's values. Shape and dtype reads cut the dependence,
+    so the anchor grids a YOLOv8 / YOLO11 head builds from ``arange(...).type_as(feature)`` and
+    feature-map sizes (float constants for an input size, handed to the decoder) are not in it."""
+    depends: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder" or (not reads_metadata_only(n) and any(a in depends for a in value_inputs(n))):
+            depends.add(n)
+    return depends
+
+
 def value_users(node: fx.Node) -> list[fx.Node]:
     """Users that depend on the values of ``node`` (a rewrite that keeps its shape may ignore the rest)."""
     return [u for u in node.users if not reads_metadata_only(u)]

@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from yoloq.passes.fuse_conv_act import is_pointwise
-from yoloq.passes.graph_utils import mark
+from yoloq.passes.graph_utils import DTYPE_ONLY, mark
 from yoloq.passes.insert_quantizers import QUANTIZES, QuantizedLayer
 from yoloq.passes.integer_ops import (
     DequantizeOutput, Grid, IntConv2d, IntMatmul, IntRequantize, IntSoftmax, IntSum, LoweringError, Lut,
     QuantizeInput, UpsampleNearestCodes, conv_requant, grid_of, lookup_table, matmul_requant, softmax_requant,
     sum_requant, upsample_factors,
 )
-from yoloq.passes.plan_quantization import CONCATS, DTYPE_ONLY, QUANT
+from yoloq.passes.plan_quantization import CONCATS, QUANT
 from yoloq.pipeline import PassResult
 from yoloq.quantizers.fake_quantize import FakeQuantize
 

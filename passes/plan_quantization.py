@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from yoloq.passes.concrete_tracer import TensorSummary
-from yoloq.passes.graph_utils import module_of
+from yoloq.passes.graph_utils import image_dependent, module_of
 from yoloq.pipeline import PassResult
 from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import Recipe
@@ -49,8 +49,6 @@ PASSTHROUGH_METHODS = {
     "unsqueeze", "__getitem__",
 }
 CONCATS = {torch.cat, torch.concat}
-# call_method -> the position of an argument read only for its dtype (not its values)
-DTYPE_ONLY = {"type_as": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,23 +103,11 @@ def classify(gm: fx.GraphModule, node: fx.Node, policy: str) -> str:
     return "compute" if _is_float_tensor(node) else "none"
 
 
-def _value_inputs(node: fx.Node) -> list[fx.Node]:
-    """The inputs whose values (not only dtype) reach ``node``'s value."""
-    skip = DTYPE_ONLY.get(node.target) if node.op == "call_method" else None
-    if skip is None or skip >= len(node.args):
-        return node.all_input_nodes
-    return [a for a in node.all_input_nodes if a is not node.args[skip]]
-
-
 def shape_constants(nodes: list[fx.Node], kinds: dict[fx.Node, str]) -> set[fx.Node]:
-    """Float tensors whose values do not depend on the image's values, only on its shape: the
-    anchor grids a YOLOv8 / YOLO11 head builds from ``arange`` and the feature maps' sizes and dtype.
-    They are constants for a given input size and stay float (an 8-bit grid of anchor points
-    would move every box). Shape reads are not tensors, so they carry no dependence."""
-    depends: set[fx.Node] = set()
-    for n in nodes:
-        if n.op == "placeholder" or any(a in depends and kinds[a] != "none" for a in _value_inputs(n)):
-            depends.add(n)
+    """Float tensors whose values do not depend on the image's values, only on its shape
+    (``image_dependent``): constants for a given input size, which stay float (an 8-bit grid of
+    anchor points would move every box)."""
+    depends = image_dependent(nodes)
     return {n for n in nodes if kinds[n] != "none" and n not in depends}
 
 
