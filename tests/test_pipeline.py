@@ -65,7 +65,7 @@ def test_a_pass_must_return_a_pass_result():
 
 def test_build_pipeline_is_the_one_place_that_orders_passes():
     assert build_pipeline("captured") == ()
-    assert build_pipeline("fused") == (yoloq.fold_conv_bn, yoloq.fuse_conv_act)
+    assert build_pipeline("fused") == (yoloq.fold_implicit, yoloq.fold_conv_bn, yoloq.fuse_conv_act)
     assert isinstance(build_pipeline(), tuple)
     with pytest.raises(ValueError, match="unknown pipeline stage 'fuzed'.*valid stages"):
         build_pipeline("fuzed")

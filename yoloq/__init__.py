@@ -7,12 +7,13 @@ module-level FX graph plus a float decoder, then the passes that ``build_pipelin
 from yoloq.passes.capture import Captured, Decoder, capture
 from yoloq.passes.concrete_tracer import CaptureError, Guard, GuardError
 from yoloq.passes.fold_conv_bn import fold_conv_bn
+from yoloq.passes.fold_implicit import fold_implicit
 from yoloq.passes.fuse_conv_act import FusedConv2d, fuse_conv_act
 from yoloq.pipeline import PassError, PassRecord, PassResult, build_pipeline, run_pipeline
 
 __all__ = [
     "Captured", "Decoder", "capture", "CaptureError", "Guard", "GuardError",
-    "fold_conv_bn", "fuse_conv_act", "FusedConv2d",
+    "fold_conv_bn", "fold_implicit", "fuse_conv_act", "FusedConv2d",
     "PassError", "PassRecord", "PassResult", "build_pipeline", "run_pipeline",
 ]
 from yoloq import models  # noqa: E402  (yoloq.models.build, .load, tiny models)

@@ -57,7 +57,7 @@ def run_one(spec: str, size: int, second: int) -> tuple[str, ...]:
     after = summarise_graph(gm)
     with torch.no_grad():
         diff = max(_max_diff(captured(x), model(x)), _max_diff(captured(x2), model(x2)))
-    passes = ", ".join(f"{r.name}: {r.stats.get('folded', r.stats.get('fused'))}" for r in records)
+    passes = ", ".join(f"{r.name}: {r.stats.get('folded', r.stats.get('fused'))}" for r in records if r.modified)
     return (
         spec, str(sum(before.values())), str(sum(after.values())),
         f"{before['BatchNorm2d']} -> {after['BatchNorm2d']}", str(after["FusedConv2d"]),

@@ -101,6 +101,7 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
     from yoloq.passes.bias_correction import bias_correction
     from yoloq.passes.calibrate import calibrate
     from yoloq.passes.fold_conv_bn import fold_conv_bn
+    from yoloq.passes.fold_implicit import fold_implicit
     from yoloq.passes.fuse_conv_act import fuse_conv_act
     from yoloq.passes.insert_quantizers import insert_quantizers
     from yoloq.passes.plan_quantization import plan_quantization
@@ -113,7 +114,7 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
         raise ValueError(f"pipeline stage {stage!r} needs a recipe")
     if stage == "calibrated" and calib is None:
         raise ValueError("pipeline stage 'calibrated' needs calibration batches (calib)")
-    steps: list[tuple[str, Any]] = [] if qat else [("folded", fold_conv_bn)]
+    steps: list[tuple[str, Any]] = [("folded", fold_implicit)] + ([] if qat else [("folded", fold_conv_bn)])
     steps.append(("fused", fuse_conv_act))
     if recipe is not None:
         steps += [("quantized", plan_quantization(recipe)), ("quantized", insert_quantizers)]
