@@ -29,9 +29,12 @@ from torch import nn
 
 from yoloq.passes.graph_utils import mark, set_module
 from yoloq.passes.insert_quantizers import QUANTIZES, QuantizedLayer
+from yoloq.passes.integer_attention import (
+    IntSoftmax, MatmulRequant, matmul_requant, requantize, softmax_requant,
+)
 from yoloq.passes.integer_ops import (
-    ConvRequant, Grid, IntRequantize, IntSoftmax, IntSum, LoweringError, MatmulRequant, clamp_codes, conv_requant,
-    grid_of, matmul_requant, requantize, round_shift, softmax_requant, sum_requant,
+    ConvRequant, Grid, IntRequantize, IntSum, LoweringError, clamp_codes, conv_requant, grid_of,
+    round_shift, sum_requant,
 )
 from yoloq.passes.lower_to_integer import ADDS, CODES_OF, METHOD_ADDS, is_matmul, softmax_input
 from yoloq.passes.plan_quantization import CONCATS, QUANT

@@ -41,10 +41,10 @@ from torch import nn
 from yoloq.passes.fuse_conv_act import is_pointwise
 from yoloq.passes.graph_utils import DTYPE_ONLY, mark
 from yoloq.passes.insert_quantizers import QUANTIZES, QuantizedLayer
+from yoloq.passes.integer_attention import IntMatmul, IntSoftmax, matmul_requant, softmax_requant
 from yoloq.passes.integer_ops import (
-    DequantizeOutput, Grid, IntConv2d, IntMatmul, IntRequantize, IntSoftmax, IntSum, LoweringError, Lut,
-    QuantizeInput, UpsampleNearestCodes, conv_requant, grid_of, lookup_table, matmul_requant, softmax_requant,
-    sum_requant, upsample_factors,
+    DequantizeOutput, Grid, IntConv2d, IntRequantize, IntSum, LoweringError, Lut, QuantizeInput,
+    UpsampleNearestCodes, conv_requant, grid_of, lookup_table, sum_requant, upsample_factors,
 )
 from yoloq.passes.plan_quantization import CONCATS, QUANT
 from yoloq.pipeline import PassResult

@@ -9,9 +9,8 @@ from torch import nn
 import yoloq
 from yoloq.models.tiny import ConvBnAct
 from yoloq.passes.check_integer import check_integer, float_ops
-from yoloq.passes.integer_ops import (
-    EXP_BITS, Grid, IntMatmul, IntSoftmax, LoweringError, matmul_requant, softmax_requant,
-)
+from yoloq.passes.integer_attention import EXP_BITS, IntMatmul, IntSoftmax, matmul_requant, softmax_requant
+from yoloq.passes.integer_ops import Grid, LoweringError
 from yoloq.passes.lower_to_integer import lower
 from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import Recipe
