@@ -97,21 +97,21 @@ def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
         name = "ort-static" if method == "minmax" else "ort-static-percentile"
         variants.append(_onnx_variant(name, path, peers.OnnxRuntimeModule(path).eval()))
 
-    quantized = {}
+    quantized, lowered = {}, {}  # by recipe name: one quantization and one lowering per recipe
     for name, (recipe, mode) in _exports().items():
         if recipe.name not in quantized:
             quantized[recipe.name] = yoloq.quantize(model, recipe, calib=calib)
+            lowered[recipe.name] = yoloq.lower(quantized[recipe.name]).eval()
         qm = quantized[recipe.name]
         path = workdir / f"{name}.onnx"
         report = yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode)
         module = OnnxModel(path, args.threads).eval()
-        check = check_onnx(path, yoloq.lower(qm), qm, [x])
+        check = check_onnx(path, lowered[recipe.name], qm, [x])
         variants.append(_onnx_variant(name, path, module, export=mode, int4_weights=report.int4_weights,
                                       vs_integer_graph_max=round(check.integer_distance, 4),
                                       vs_integer_graph_mean=float(f"{check.mean_distance:.3g}"),
                                       vs_integer_graph_differing=round(check.differing, 4)))
-    lowered = yoloq.lower(quantized["w8a8"]).eval()
-    variants.append(Variant("torch-integer-graph-w8a8", lowered.graph_module))
+    variants.append(Variant("torch-integer-graph-w8a8", lowered["w8a8"].graph_module))
     variants.append(Variant("torch-fake-quant-w8a8", quantized["w8a8"].graph_module.eval()))
     return variants, x
 

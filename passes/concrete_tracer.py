@@ -24,6 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from yoloq.passes.graph_utils import resolve_attr
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 _MISSING = object()
@@ -212,7 +214,7 @@ class ConcreteTracer(fx.Tracer):
         previous, self._concrete = self._concrete, True
         try:
             if kind == "get_attr":
-                return _resolve(self.root, target)
+                return resolve_attr(self.root, target)
             if kind == "call_function":
                 return target(*a, **k)
             if kind == "call_method":
@@ -262,13 +264,6 @@ class ConcreteTracer(fx.Tracer):
             return f"{type(self.root).__name__} (root)"
         qualname, mtype = next(reversed(self.module_stack.values()))
         return f"{qualname} ({getattr(mtype, '__name__', mtype)})"
-
-
-def _resolve(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def user_source() -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from yoloq.passes.graph_utils import call_counts, mark, module_of, set_module, value_users
+from yoloq.passes.graph_utils import call_counts, mark, module_of, resolve_attr, set_module, value_users
 from yoloq.pipeline import PassResult
 
 NAME = "fold_implicit"
@@ -34,9 +34,7 @@ MULS = (operator.mul, torch.mul)
 def _channel_constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
+    value = resolve_attr(gm, str(node.target))
     if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[0] != 1 or value.shape[2:] != (1, 1):
         return None
     return value.detach()
@@ -89,8 +87,6 @@ def _fold_mul(gm: fx.GraphModule, node: fx.Node, conv_node: fx.Node, m: torch.Te
     folded.weight = nn.Parameter((conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
     if conv.bias is not None:
         folded.bias = nn.Parameter((conv.bias.detach().double() * scale).to(conv.bias.dtype))
-    else:
-        folded.bias = None
     set_module(gm, conv_node.target, folded)
     node.replace_all_uses_with(conv_node)
     mark(conv_node, NAME)

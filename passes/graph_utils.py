@@ -18,6 +18,14 @@ def call_counts(gm: fx.GraphModule) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
 
+def resolve_attr(root: nn.Module, target: str):
+    """The module, parameter or buffer a dotted ``get_attr`` / ``call_module`` target names."""
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
 def set_module(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
     parent_name, _, leaf = qualname.rpartition(".")
     setattr(gm.get_submodule(parent_name) if parent_name else gm, leaf, module)

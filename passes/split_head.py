@@ -21,6 +21,8 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 
+from yoloq.passes.graph_utils import resolve_attr
+
 # Modules whose parameters are decode constants even when the model has no trainable parameter
 # at all (e.g. a checkpoint loaded with requires_grad disabled everywhere).
 FIXED_DECODE_MODULES = ("DFL",)
@@ -53,17 +55,10 @@ def _is_layer(node: fx.Node, root: nn.Module, trainable: set[int]) -> bool:
     if node.op in ("call_function", "call_method"):
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
-                value = _resolve(root, arg.target)
+                value = resolve_attr(root, arg.target)
                 if isinstance(value, nn.Parameter) and id(value) in trainable:
                     return True
     return False
-
-
-def _resolve(root: nn.Module, target: str):
-    obj = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _closure(nodes: Iterable[fx.Node], step) -> set[fx.Node]:

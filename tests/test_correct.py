@@ -328,6 +328,18 @@ def test_cli_correct_round_trip(toy_dataset, tmp_path, capsys):
     assert "yoloq correct: error" in capsys.readouterr().err
 
 
+def _assert_qc_folds_exactly(conv: nn.Conv2d, quant: FakeQuantize) -> None:
+    """γ = (0.5, 0.25), β = (0.1, -0.2) on the two channels, folded: the same outputs."""
+    layer = QuantizedLayer(conv, quant, None).add_qc_()
+    with torch.no_grad():
+        layer.qc_scale.copy_(torch.tensor([0.5, 0.25]))
+        layer.qc_shift.copy_(torch.tensor([0.1, -0.2]))
+    x = torch.randn(3, 2, 4, 4)
+    before = layer(x)
+    layer.fold_qc_()
+    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
+
+
 def test_dead_channel_with_floored_scale_folds_into_the_bias():
     """A channel whose weights all quantize to 0 (scale at the floor) folds γ·b + β into the bias only."""
     from yoloq.quantizers.uniform import SCALE_EPS
@@ -339,14 +351,7 @@ def test_dead_channel_with_floored_scale_folds_into_the_bias():
     quant(conv.weight.detach())
     quant.calibrate_()
     assert float(quant.scale.flatten()[1]) == pytest.approx(SCALE_EPS)
-    layer = QuantizedLayer(conv, quant, None).add_qc_()
-    with torch.no_grad():
-        layer.qc_scale.copy_(torch.tensor([0.5, 0.25]))
-        layer.qc_shift.copy_(torch.tensor([0.1, -0.2]))
-    x = torch.randn(3, 2, 4, 4)
-    before = layer(x)
-    layer.fold_qc_()
-    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
+    _assert_qc_folds_exactly(conv, quant)
 
 
 def test_channel_near_the_scale_floor_folds_within_float_rounding():
@@ -357,11 +362,4 @@ def test_channel_near_the_scale_floor_folds_within_float_rounding():
     quant = FakeQuantize(QuantSpec(bits=4, granularity="per_channel"), 0)
     quant(conv.weight.detach())
     quant.calibrate_()
-    layer = QuantizedLayer(conv, quant, None).add_qc_()
-    with torch.no_grad():
-        layer.qc_scale.copy_(torch.tensor([0.5, 0.25]))
-        layer.qc_shift.copy_(torch.tensor([0.1, -0.2]))
-    x = torch.randn(3, 2, 4, 4)
-    before = layer(x)
-    layer.fold_qc_()
-    torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-5)
+    _assert_qc_folds_exactly(conv, quant)
