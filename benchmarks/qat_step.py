@@ -1,6 +1,7 @@
 """One QAT training step against one FP32 step of the same model on the same batch, as a ratio.
 
-Steps timed (forward, loss, backward, optimizer step, and for yoloq the hook's oscillation update):
+Steps timed (forward, loss, backward, optimizer step, and for yoloq the hook's oscillation update;
+every row steps a fused AdamW, as ``yoloq qat`` builds it):
 
   fp32      the eager model in train mode (BN with batch statistics) and its own loss
   yoloq     ``prepare_qat(model, "w4a4")``: LSQ weight (per-channel) and activation quantizers, 16-bit
@@ -29,6 +30,7 @@ import torch
 import yoloq
 from yoloq.sources import load_model
 from yoloq.tools.heads import HeadLayout
+from yoloq.tools.qat import fused_optimizer
 from yoloq.tools.qat_hook import QATHook
 
 
@@ -43,7 +45,7 @@ def fake_targets(batch: int, per_image: int = 6, nc: int = 80, seed: int = 0) ->
 
 
 def step_fn(forward, params_or_groups, loss_fn, images, targets, after=None):
-    optimizer = torch.optim.AdamW(params_or_groups, lr=1e-5)
+    optimizer = fused_optimizer(torch.optim.AdamW, params_or_groups, lr=1e-5)  # as yoloq qat builds it
 
     def step() -> float:
         start = time.perf_counter()

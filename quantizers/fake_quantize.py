@@ -164,22 +164,24 @@ class FakeQuantize(nn.Module):
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        spec, scale = self.spec, self._scale()
+        spec = self.spec
         g = self._grad_factor(x)
         if spec.scheme != "uniform":
+            scale = self._scale()
             if spec.learned != "none":
                 scale = uniform.grad_scale(scale, g)
             v = x / scale
             return self._per_row(nonuniform.project_pass, v) * scale
         if spec.learned == "lsq+":
-            return uniform.lsq_plus_fake_quantize(x, scale, self._expand(self.offset), spec.qmin, spec.qmax, g)
+            return uniform.lsq_plus_fake_quantize(x, self._scale(), self._expand(self.offset), spec.qmin, spec.qmax, g)
         # A symmetric grid's zero point is 0 by construction; a plain 0 saves two passes per call.
         zero_point = 0 if spec.symmetric else self._expand(self.zero_point)
         if isinstance(zero_point, torch.Tensor) and zero_point.numel() == 1:
             zero_point = float(zero_point)  # scalar bounds: cheaper clamps and compares
         if spec.learned == "none":
-            return uniform.fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax)
-        return uniform.lsq_fake_quantize(x, scale, zero_point, spec.qmin, spec.qmax, g)
+            return uniform.fake_quantize(x, self._scale(), zero_point, spec.qmin, spec.qmax)
+        # The learned scale goes in unclamped: lsq_fake_quantize floors it itself, one op fewer.
+        return uniform.lsq_fake_quantize(x, self._expand(self.scale), zero_point, spec.qmin, spec.qmax, g)
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:

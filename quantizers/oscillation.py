@@ -38,7 +38,15 @@ class LayerOscillation:
 
 
 class OscillationTracker:
-    """Tracks every quantized layer's weight codes in ``model`` (module docstring)."""
+    """Tracks every quantized layer's weight codes in ``model`` (module docstring).
+
+    The statistics of all layers live in one flat tensor per kind, so an update is a dozen passes
+    over every weight at once rather than a dozen small ops per layer (on a CPU the per-op overhead
+    of ~60 layers cost more than the arithmetic). The per-layer dicts (``codes``, ``frequency``, ...)
+    are views into those tensors; ``state_dict`` keeps the per-layer form and dtypes."""
+
+    KINDS = {"codes": torch.int16, "direction": torch.int8, "frequency": torch.float32,
+             "mean_code": torch.float32, "frozen": torch.bool, "frozen_codes": torch.int16}
 
     def __init__(self, model: nn.Module, momentum: float = 0.01, threshold: float = 0.005):
         from yoloq.passes.insert_quantizers import QuantizedLayer  # passes import quantizers, not back
@@ -50,39 +58,63 @@ class OscillationTracker:
         self.momentum, self.threshold = momentum, threshold
         self.layers = {name: m for name, m in model.named_modules()
                        if isinstance(m, QuantizedLayer) and m.weight_quant is not None}
-        self.codes: dict[str, torch.Tensor] = {}
-        self.direction: dict[str, torch.Tensor] = {}
-        self.frequency: dict[str, torch.Tensor] = {}
-        self.mean_code: dict[str, torch.Tensor] = {}  # EMA of the integer value
-        self.frozen: dict[str, torch.Tensor] = {}  # bool mask
-        self.frozen_codes: dict[str, torch.Tensor] = {}
+        self._slices: dict[str, tuple[int, int, torch.Size]] = {}
+        start = 0
+        for name, layer in self.layers.items():
+            shape = layer.layer.weight.shape
+            self._slices[name] = (start, start + shape.numel(), shape)
+            start += shape.numel()
+        # Flat statistics (empty until the first update); codes, directions and frozen codes are held
+        # as float (integer values) so that every update is plain float arithmetic.
+        self._flat: dict[str, torch.Tensor] = {}
         self.steps = 0
+
+    # ----------------------------------------------------------------------------- per-layer views
+    def _views(self, kind: str) -> dict[str, torch.Tensor]:
+        flat = self._flat.get(kind)
+        if flat is None:
+            return {}
+        return {name: flat[a:b].view(shape) for name, (a, b, shape) in self._slices.items()}
+
+    codes = property(lambda self: self._views("codes"))
+    direction = property(lambda self: self._views("direction"))
+    frequency = property(lambda self: self._views("frequency"))
+    mean_code = property(lambda self: self._views("mean_code"))  # EMA of the integer value
+    frozen = property(lambda self: self._views("frozen"))  # bool mask
+    frozen_codes = property(lambda self: self._views("frozen_codes"))
 
     @torch.no_grad()
     def current_codes(self, name: str) -> torch.Tensor:
         layer = self.layers[name]
-        return layer.weight_quant.codes(layer.effective_weight()).to(torch.int16)
+        return layer.weight_quant.codes(layer.effective_weight())
+
+    @torch.no_grad()
+    def _all_codes(self) -> torch.Tensor:
+        if not self.layers:
+            return torch.zeros(0)
+        return torch.cat([self.current_codes(name).reshape(-1) for name in self.layers]).float()
 
     @torch.no_grad()
     def update(self) -> None:
         """Record one optimizer step (call it after ``optimizer.step()``)."""
-        for name in self.layers:
-            codes = self.current_codes(name)
-            if name not in self.codes:
-                self.codes[name] = codes
-                self.direction[name] = torch.zeros_like(codes, dtype=torch.int8)
-                self.frequency[name] = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-                self.mean_code[name] = codes.float()
-                self.frozen[name] = torch.zeros_like(codes, dtype=torch.bool)
-                self.frozen_codes[name] = torch.zeros_like(codes)
-                continue
-            self.mean_code[name].mul_(1.0 - self.momentum).add_(codes.float(), alpha=self.momentum)
-            step = torch.sign(codes - self.codes[name]).to(torch.int8)
-            moved = step != 0
-            flip = moved & (step == -self.direction[name])
-            self.frequency[name].mul_(1.0 - self.momentum).add_(flip.float(), alpha=self.momentum)
-            self.direction[name] = torch.where(moved, step, self.direction[name])
-            self.codes[name] = codes
+        codes = self._all_codes()
+        flat = self._flat
+        if not flat:
+            zeros = torch.zeros_like(codes)
+            flat.update(codes=codes, direction=zeros, frequency=zeros.clone(), mean_code=codes.clone(),
+                        frozen=torch.zeros_like(codes, dtype=torch.bool), frozen_codes=zeros.clone())
+            self.steps += 1
+            return
+        m = self.momentum
+        flat["mean_code"].mul_(1.0 - m).add_(codes, alpha=m)
+        step = torch.sub(codes, flat["codes"]).sign_()
+        direction = flat["direction"]
+        # A flip is a move against the last move's direction: step · direction == −1 (0 when unmoved).
+        flip = torch.eq(step * direction, -1.0, out=torch.empty_like(step))
+        flat["frequency"].mul_(1.0 - m).add_(flip, alpha=m)
+        moved = torch.abs(step, out=flip)  # flip is not needed any more
+        direction.addcmul_(direction, moved, value=-1.0).add_(step)  # the new step where it moved
+        flat["codes"] = codes
         self.steps += 1
 
     def oscillating(self, name: str) -> torch.Tensor:
@@ -91,19 +123,20 @@ class OscillationTracker:
         return (self.frequency[name] > self.threshold) & ~self.frozen[name]
 
     def layer_stats(self) -> list[LayerOscillation]:
+        frozen = self.frozen
         return [LayerOscillation(name, f.numel(), float(self.oscillating(name).float().mean()), float(f.mean()),
-                                 float(self.frozen[name].float().mean()))
+                                 float(frozen[name].float().mean()))
                 for name, f in self.frequency.items()]
 
     def summary(self) -> dict[str, float]:
         """Shares of all tracked weights that oscillate and that are frozen, and their mean frequency."""
-        if not self.frequency:
+        if not self._flat or not self._flat["frequency"].numel():
             return {"oscillating": 0.0, "frozen": 0.0, "frequency": 0.0}
-        total = sum(f.numel() for f in self.frequency.values())
-        osc = sum(int(self.oscillating(n).sum()) for n in self.frequency)
-        frozen = sum(int(m.sum()) for m in self.frozen.values())
-        mean = sum(float(f.sum()) for f in self.frequency.values()) / total
-        return {"oscillating": osc / total, "frozen": frozen / total, "frequency": mean}
+        frequency, frozen = self._flat["frequency"], self._flat["frozen"]
+        total = frequency.numel()
+        osc = int(((frequency > self.threshold) & ~frozen).sum())
+        return {"oscillating": osc / total, "frozen": int(frozen.sum()) / total,
+                "frequency": float(frequency.sum()) / total}
 
     # ----------------------------------------------------------------------------- remedies
     def dampening_loss(self) -> torch.Tensor:
@@ -127,14 +160,14 @@ class OscillationTracker:
     def freeze_(self, threshold: float) -> int:
         """Freeze every weight whose frequency exceeds ``threshold`` to its rounded mean code; returns
         how many were newly frozen. Call after ``update``; ``apply_frozen_`` then pins them."""
-        newly = 0
-        for name in self.frequency:
-            candidates = (self.frequency[name] > threshold) & ~self.frozen[name]
-            count = int(candidates.sum())
-            if count:
-                self.frozen_codes[name][candidates] = torch.round(self.mean_code[name][candidates]).to(torch.int16)
-                self.frozen[name] |= candidates
-                newly += count
+        if not self._flat:
+            return 0
+        flat = self._flat
+        candidates = (flat["frequency"] > threshold) & ~flat["frozen"]
+        newly = int(candidates.sum())
+        if newly:
+            flat["frozen_codes"][candidates] = torch.round(flat["mean_code"][candidates])
+            flat["frozen"] |= candidates
         self.apply_frozen_()
         return newly
 
@@ -142,30 +175,39 @@ class OscillationTracker:
     def apply_frozen_(self) -> None:
         """Reset every frozen weight's latent value to the one its frozen code dequantizes to (with
         the quantizer's current scale), so it keeps that code; call after every optimizer step."""
-        for name, mask in self.frozen.items():
+        if not self._flat or not bool(self._flat["frozen"].any()):
+            return
+        frozen, frozen_codes = self.frozen, self.frozen_codes
+        for name, mask in frozen.items():
             if not bool(mask.any()):
                 continue
             layer = self.layers[name]
             quant = layer.weight_quant
-            codes = torch.where(mask, self.frozen_codes[name], self.current_codes(name)).to(torch.int32)
+            codes = torch.where(mask, frozen_codes[name].to(torch.int32), self.current_codes(name))
             target = quant.dequantize(codes)
             weight = layer.layer.weight
             if layer.fold_bn:  # the quantizer sees W·k
                 target = target / layer.bn_factor().view(-1, *([1] * (weight.dim() - 1)))
             weight.data = torch.where(mask, target.to(weight.dtype), weight.data)
-            self.codes[name] = torch.where(mask, self.frozen_codes[name], self.codes[name])
+        flat = self._flat
+        flat["codes"] = torch.where(flat["frozen"], flat["frozen_codes"], flat["codes"])
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "threshold": self.threshold, "steps": self.steps,
-                "codes": dict(self.codes), "direction": dict(self.direction), "frequency": dict(self.frequency),
-                "mean_code": dict(self.mean_code), "frozen": dict(self.frozen), "frozen_codes": dict(self.frozen_codes)}
+        state = {"momentum": self.momentum, "threshold": self.threshold, "steps": self.steps}
+        for kind, dtype in self.KINDS.items():
+            state[kind] = {name: view.to(dtype, copy=True) for name, view in self._views(kind).items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         unknown = sorted(set(state["codes"]) - set(self.layers))
         if unknown:
             raise ValueError(f"oscillation state names layers this model does not have: {unknown[:5]}")
+        missing = sorted(set(self.layers) - set(state["codes"])) if state["codes"] else []
+        if missing:
+            raise ValueError(f"oscillation state lacks layers this model has: {missing[:5]}")
         self.momentum, self.threshold, self.steps = state["momentum"], state["threshold"], state["steps"]
-        self.codes, self.direction = dict(state["codes"]), dict(state["direction"])
-        self.frequency = dict(state["frequency"])
-        self.mean_code, self.frozen = dict(state["mean_code"]), dict(state["frozen"])
-        self.frozen_codes = dict(state["frozen_codes"])
+        self._flat = {}
+        if state["codes"]:
+            for kind in self.KINDS:
+                flat = torch.cat([state[kind][name].reshape(-1) for name in self.layers])
+                self._flat[kind] = flat if kind == "frozen" else flat.float()

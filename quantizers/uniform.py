@@ -82,24 +82,46 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def _ste_forward(x, scale, zero_point, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fake-quantized x, mask where the clamp did not act); the zero point is skipped when it is 0."""
+    """(fake-quantized x, mask where the clamp did not act); the zero point is skipped when it is 0.
+
+    Written for speed on large activations: in-place passes where the value is ours, and the mask
+    made as float 0/1 by the comparison itself (``out=``): on the CPU, float × bool, bool -> float
+    and ``torch.where`` each take 3–10× as long as one float pass."""
     centred = isinstance(zero_point, (int, float)) and zero_point == 0
-    unclamped = torch.round(x / scale)
+    unclamped = (x / scale).round_()
     if not centred:
-        unclamped = unclamped + zero_point
+        unclamped += zero_point
     clamped = torch.clamp(unclamped, qmin, qmax)
-    inside = clamped == unclamped
+    inside = torch.eq(clamped, unclamped, out=unclamped)  # unclamped is not needed after this
     if not centred:
-        clamped = clamped - zero_point
-    return clamped * scale, inside
+        clamped -= zero_point
+    clamped *= scale
+    return clamped, inside
+
+
+def _clamp_acts(x: torch.Tensor, scale: torch.Tensor, zero_point, qmin: int, qmax: int) -> bool:
+    """Whether ``clamp`` would change any code of ``x`` on a single-scale grid, decided from ``x``'s
+    extremes (one read pass, no new tensor): ``round(x/s) + z`` is monotone in ``x``. Per-channel
+    grids, and NaN, answer True (the full path then decides element by element)."""
+    if scale.numel() != 1 or (isinstance(zero_point, torch.Tensor) and zero_point.numel() != 1):
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    ends = (torch.stack((lo, hi)) / scale.reshape(()).detach()).round_() + zero_point
+    low, high = ends.tolist()
+    return not (low >= qmin and high <= qmax)
 
 
 class _SteFakeQuantize(torch.autograd.Function):
-    """One saved mask instead of autograd's graph of the masked identity: training stays cheap."""
+    """One saved mask instead of autograd's graph of the masked identity: training stays cheap.
+    When no element clamps (the usual case for a 16-bit pre-activation grid) there is no mask at
+    all and the backward passes the gradient through."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):
         with torch.no_grad():
+            if not _clamp_acts(x, scale, zero_point, qmin, qmax):
+                ctx.save_for_backward(None)
+                return (x / scale).round_().mul_(scale)  # + z − z is exact: z is an integer
             value, inside = _ste_forward(x, scale, zero_point, qmin, qmax)
         ctx.save_for_backward(inside)
         return value
@@ -107,7 +129,9 @@ class _SteFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        if inside is None:
+            return grad, None, None, None, None
+        return torch.mul(grad, inside, out=inside), None, None, None, None  # a second backward fails loudly
 
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +159,8 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     ``grad_factor`` defaults to ``lsq_grad_factor(x.numel() / scale.numel(), qmax)``; pass it
     explicitly when ``scale`` was expanded from fewer learned values (per-group).
     ``zero_point`` is held fixed (an integer tensor or 0); the values equal ``fake_quantize``.
+    ``scale`` is floored at ``SCALE_EPS`` inside (its gradient is 0 where the floor acts, as through
+    ``clamp_min``), so a learned scale goes in as it is, without a separate clamp in the graph.
     """
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x.numel() / scale.numel(), qmax)
@@ -149,28 +175,46 @@ class _LsqFakeQuantize(torch.autograd.Function):
         ∂x̂/∂s = round(x/s) − x/s inside, lo below, hi above;  then times g
 
     with the mask and ∂x̂/∂s saved from the forward's own passes instead of autograd's graph of
-    divisions, wheres and straight-through terms (the values are the same)."""
+    divisions, wheres and straight-through terms (the values are the same). Outside the range the
+    rounded value *is* the end (lo, hi are integers), so ``∂x̂/∂s = rounded − v · inside`` needs no
+    ``where``; the mask is float 0/1 (``_ste_forward`` says why), and a single scale's gradient is
+    one dot product instead of a product tensor and a sum."""
 
     @staticmethod
     def forward(ctx, x, scale, low, high, grad_factor):
+        # Three fresh tensors at most (output, mask, ∂x̂/∂s): on the CPU the first touch of a fresh
+        # large buffer costs about as much as two passes over it, so temporaries are reused in place.
+        raw, scale = scale, scale.clamp_min(SCALE_EPS)
         v = x / scale
-        clamped = torch.clamp(v, low, high)
-        rounded = torch.round(clamped)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # Saved from the forward's own passes; ends are ends (v == lo counts as below).
-            inside = (v > low) & (v < high)
-            d_scale = torch.where(inside, rounded - v, clamped) if ctx.needs_input_grad[1] else None
-            ctx.save_for_backward(inside, d_scale)
-            ctx.scale_shape, ctx.grad_factor = scale.shape, grad_factor
-        return rounded * scale
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return torch.clamp(v, low, high).round_().mul_(scale)
+        # Ends are ends (v == lo counts as below); the mask is made as float 0/1 by the comparison.
+        inside = torch.gt(v, low, out=torch.empty_like(v))
+        out = torch.lt(v, high, out=torch.empty_like(v))
+        inside *= out
+        out = torch.clamp(v, low, high, out=out).round_()
+        d_scale = None
+        if ctx.needs_input_grad[1]:  # rounded − v · inside, written over v
+            d_scale = torch.sub(out, v.mul_(inside), out=v)
+        ctx.save_for_backward(inside, d_scale, raw)
+        ctx.scale_shape, ctx.grad_factor = scale.shape, grad_factor
+        return out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        inside, d_scale = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        inside, d_scale, raw_scale = ctx.saved_tensors
+        # The mask is ours: the product goes into it (autograd's version check makes a second
+        # backward through this graph an error, not a silent wrong gradient).
+        grad_x = torch.mul(grad, inside, out=inside) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            grad_s = (grad * d_scale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
+            if len(ctx.scale_shape) == 0 or ctx.scale_shape.numel() == 1:
+                flat = grad.reshape(-1)
+                total = torch.dot(flat, d_scale.reshape(-1).to(flat.dtype))
+                grad_s = (total * ctx.grad_factor).reshape(ctx.scale_shape)
+            else:
+                grad_s = (grad * d_scale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
+            grad_s = grad_s * (raw_scale >= SCALE_EPS)  # none below the floor
         return grad_x, grad_s, None, None, None
 
 

@@ -155,8 +155,21 @@ def cosine_factor(step: int, total: int, warmup: int, final: float) -> float:
 def make_optimizer(hook: QATHook, config: QATConfig) -> torch.optim.Optimizer:
     groups = hook.param_groups(config.lr, config.scale_lr, config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return fused_optimizer(torch.optim.SGD, groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.momentum > 0)
+    return fused_optimizer(torch.optim.AdamW, groups, lr=config.lr)
+
+
+def fused_optimizer(kind: type[torch.optim.Optimizer], params, **settings) -> torch.optim.Optimizer:
+    """``kind(params, fused=True, **settings)``: one kernel over every parameter instead of a dozen
+    small ops per tensor (a QAT model has a learned scale per quantizer besides its weights; on the
+    CPU the per-tensor loop of AdamW took 3x as long). Falls back to the loop where this torch has
+    no fused kernel for ``kind`` on the parameters' device."""
+    params = list(params)
+    try:
+        return kind(params, fused=True, **settings)
+    except (RuntimeError, TypeError, ValueError):
+        return kind(params, **settings)
 
 
 # ------------------------------------------------------------------------------------- checkpoints
