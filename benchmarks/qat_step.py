@@ -12,8 +12,10 @@ every row steps a fused AdamW, as ``yoloq qat`` builds it):
             iterates a Proxy; indexing the chunks does not)
 
 The three alternate within each round so drift and the idle-VM slowdown hit them alike; the
-figures are medians over rounds after warm-up. Default: yolov8n (random weights; the step time
-does not depend on them), 320 x 320, batch 8, 2 threads.
+figures are medians over rounds after warm-up, and each ratio is given twice: of the medians, and
+as the median of the per-round ratios (``_paired``, less moved by the VM's speed drifting).
+Default: yolov8n (random weights; the step time does not depend on them), 320 x 320, batch 8,
+2 threads.
 
     python benchmarks/qat_step.py [--model yolov8n] [--imgsz 320] [--batch 8] [--rounds 10]
 """
@@ -84,6 +86,11 @@ def torch_ao_qat(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Modu
         C2f.forward = original
 
 
+def paired_ratio(times: list[float], baseline: list[float]) -> float:
+    """Median over rounds of ``times[r] / baseline[r]`` (the two ran back to back in round r)."""
+    return round(statistics.median(t / b for t, b in zip(times, baseline)), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="yolov8n")
@@ -129,9 +136,12 @@ def main() -> None:
     row = {"benchmark": "qat_step", "model": args.model, "recipe": args.recipe, "imgsz": args.imgsz,
            "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
            **{f"{name}_s": round(value, 4) for name, value in median.items()},
-           "yoloq_over_fp32": round(median["yoloq"] / median["fp32"], 3)}
+           "yoloq_over_fp32": round(median["yoloq"] / median["fp32"], 3),
+           # the same ratio taken within each round, then the median: steadier when the VM's speed drifts
+           "yoloq_over_fp32_paired": paired_ratio(times["yoloq"], times["fp32"])}
     if "torch_ao" in median:
         row["torch_ao_over_fp32"] = round(median["torch_ao"] / median["fp32"], 3)
+        row["torch_ao_over_fp32_paired"] = paired_ratio(times["torch_ao"], times["fp32"])
     row.update({f"{k}_error": v for k, v in notes.items()})
     print(json.dumps(row))
 

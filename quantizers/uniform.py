@@ -8,13 +8,14 @@ A uniform grid with scale ``s > 0``, zero point ``z`` and codes ``[qmin, qmax]``
 Three differentiable forms of ``x -> x̂`` are used during training:
 
 * ``fake_quantize``: fixed ``s, z``; straight-through estimator (STE), ``∂x̂/∂x = 1`` where the
-  clamp leaves ``round(x/s) + z`` unchanged, 0 where it clamps.
+  clamp leaves ``round(x/s) + z`` unchanged, 0 where it clamps. While training, a grid of 2^16
+  levels or more is simulated by its clamp alone (``_fine_grid_ste``).
 * ``lsq_fake_quantize`` (LSQ, Esser et al. 2020): learned ``s``. With ``v = x/s`` and
   ``x̂ = round(clamp(v, qmin - z, qmax - z)) · s`` (the same values as above),
 
-      ∂x̂/∂s = round(v) - v      if qmin - z < v < qmax - z
-              qmin - z           if v <= qmin - z
-              qmax - z           if v >= qmax - z
+      ∂x̂/∂s = round(v) - v      if qmin - z <= v <= qmax - z   (ends inside)
+              qmin - z           if v < qmin - z
+              qmax - z           if v > qmax - z
 
   multiplied by ``g = 1 / sqrt(N · Qp)`` (N elements per scale, ``Qp = qmax``).
 * ``lsq_plus_fake_quantize`` (LSQ+, Bhalgat et al. 2020): learned ``s`` and float offset ``β``,
@@ -78,7 +79,45 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if not x.requires_grad:
         with torch.no_grad():
             return _ste_forward(x, scale, zero_point, qmin, qmax)[0]
+    if qmax - qmin >= FINE_GRID_LEVELS - 1:
+        return _fine_grid_ste(x, scale, zero_point, qmin, qmax)
     return _SteFakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+
+
+FINE_GRID_LEVELS = 2**16  # a fixed grid this fine is simulated by its clamp alone while training
+
+
+def _fine_grid_ste(x: torch.Tensor, scale: torch.Tensor, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Training form of a fixed grid with at least 2^16 levels (the 16-bit pre-activation): the clamp
+    to the grid's ends, without the rounding. Rounding moves a value by at most half a step, 1/131072
+    of the range, thousands of times less than the step of the 8- or 4-bit grid that follows; leaving
+    it out saves three passes over every conv output; the gradient is the STE's, 1 inside and 0
+    beyond the ends. Evaluation (no gradient), the evaluation form and the integer graph round.
+    When nothing clamps, ``x`` itself is returned."""
+    with torch.no_grad():
+        low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+        if low.numel() == 1 and high.numel() == 1:
+            smallest, largest = torch.aminmax(x.detach())
+            if bool((smallest >= low) & (largest <= high)):
+                return x
+    return _ClampSte.apply(x, low, high)
+
+
+class _ClampSte(torch.autograd.Function):
+    """``clamp(x, low, high)`` with gradient 1 inside (ends included) and 0 outside, the mask made
+    as float 0/1 by the comparison (``_ste_forward`` says why)."""
+
+    @staticmethod
+    def forward(ctx, x, low, high):
+        out = torch.clamp(x, low, high)
+        inside = torch.eq(out, x, out=torch.empty_like(out))
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return torch.mul(grad, inside, out=inside), None, None  # a second backward fails loudly
 
 
 def _ste_forward(x, scale, zero_point, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,29 +138,12 @@ def _ste_forward(x, scale, zero_point, qmin: int, qmax: int) -> tuple[torch.Tens
     return clamped, inside
 
 
-def _clamp_acts(x: torch.Tensor, scale: torch.Tensor, zero_point, qmin: int, qmax: int) -> bool:
-    """Whether ``clamp`` would change any code of ``x`` on a single-scale grid, decided from ``x``'s
-    extremes (one read pass, no new tensor): ``round(x/s) + z`` is monotone in ``x``. Per-channel
-    grids, and NaN, answer True (the full path then decides element by element)."""
-    if scale.numel() != 1 or (isinstance(zero_point, torch.Tensor) and zero_point.numel() != 1):
-        return True
-    lo, hi = torch.aminmax(x.detach())
-    ends = (torch.stack((lo, hi)) / scale.reshape(()).detach()).round_() + zero_point
-    low, high = ends.tolist()
-    return not (low >= qmin and high <= qmax)
-
-
 class _SteFakeQuantize(torch.autograd.Function):
-    """One saved mask instead of autograd's graph of the masked identity: training stays cheap.
-    When no element clamps (the usual case for a 16-bit pre-activation grid) there is no mask at
-    all and the backward passes the gradient through."""
+    """One saved mask instead of autograd's graph of the masked identity: training stays cheap."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):
         with torch.no_grad():
-            if not _clamp_acts(x, scale, zero_point, qmin, qmax):
-                ctx.save_for_backward(None)
-                return (x / scale).round_().mul_(scale)  # + z − z is exact: z is an integer
             value, inside = _ste_forward(x, scale, zero_point, qmin, qmax)
         ctx.save_for_backward(inside)
         return value
@@ -129,8 +151,6 @@ class _SteFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        if inside is None:
-            return grad, None, None, None, None
         return torch.mul(grad, inside, out=inside), None, None, None, None  # a second backward fails loudly
 
 
@@ -171,14 +191,15 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 class _LsqFakeQuantize(torch.autograd.Function):
     """``round(clamp(x/s, lo, hi)) · s`` with LSQ's gradients written out (Esser et al. 2020, eq. 3):
 
-        ∂x̂/∂x = 1 inside (lo < x/s < hi), 0 outside
+        ∂x̂/∂x = 1 inside (lo ≤ x/s ≤ hi), 0 outside
         ∂x̂/∂s = round(x/s) − x/s inside, lo below, hi above;  then times g
 
     with the mask and ∂x̂/∂s saved from the forward's own passes instead of autograd's graph of
-    divisions, wheres and straight-through terms (the values are the same). Outside the range the
-    rounded value *is* the end (lo, hi are integers), so ``∂x̂/∂s = rounded − v · inside`` needs no
-    ``where``; the mask is float 0/1 (``_ste_forward`` says why), and a single scale's gradient is
-    one dot product instead of a product tensor and a sum."""
+    divisions, wheres and straight-through terms (the values are the same). The ends count as inside
+    (the paper's strict ``<`` differs only on the measure-zero set ``x/s ∈ {lo, hi}``), so one
+    comparison of the clamped value with ``v`` gives the mask. Outside the range the rounded value *is* the end (lo, hi are integers), so
+    ``∂x̂/∂s = rounded − v · inside`` needs no ``where``; the mask is float 0/1 (``_ste_forward`` says
+    why), and a single scale's gradient is one dot product instead of a product tensor and a sum."""
 
     @staticmethod
     def forward(ctx, x, scale, low, high, grad_factor):
@@ -186,13 +207,11 @@ class _LsqFakeQuantize(torch.autograd.Function):
         # large buffer costs about as much as two passes over it, so temporaries are reused in place.
         raw, scale = scale, scale.clamp_min(SCALE_EPS)
         v = x / scale
+        out = torch.clamp(v, low, high)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return torch.clamp(v, low, high).round_().mul_(scale)
-        # Ends are ends (v == lo counts as below); the mask is made as float 0/1 by the comparison.
-        inside = torch.gt(v, low, out=torch.empty_like(v))
-        out = torch.lt(v, high, out=torch.empty_like(v))
-        inside *= out
-        out = torch.clamp(v, low, high, out=out).round_()
+            return out.round_().mul_(scale)
+        inside = torch.eq(out, v, out=torch.empty_like(v))
+        out.round_()
         d_scale = None
         if ctx.needs_input_grad[1]:  # rounded − v · inside, written over v
             d_scale = torch.sub(out, v.mul_(inside), out=v)

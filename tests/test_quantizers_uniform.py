@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -137,9 +138,11 @@ def test_lsq_plus_gradients_match_the_paper_on_a_hand_example():
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0]))
 
 
-def lsq_closed_form(v: torch.Tensor, low, high) -> torch.Tensor:
-    inside = (v > low) & (v < high)
-    return torch.where(inside, torch.round(v) - v, torch.where(v <= low, low, high))
+def lsq_closed_form(v: torch.Tensor, low, high, ends_inside: bool = True) -> torch.Tensor:
+    """∂x̂/∂s / g per element; LSQ counts the ends inside, LSQ+ (autograd's clamp) outside."""
+    inside = (v >= low) & (v <= high) if ends_inside else (v > low) & (v < high)
+    return torch.where(inside, torch.round(v) - v, torch.where(v < low, low, high) if ends_inside
+                       else torch.where(v <= low, low, high))
 
 
 @PROPERTY
@@ -156,7 +159,7 @@ def test_lsq_scale_gradient_matches_the_closed_form_times_g(vals, scale, spec, z
     g = 1 / math.sqrt(x.numel() * spec.qmax)
     expected = lsq_closed_form(v, spec.qmin - zero_point, spec.qmax - zero_point).sum() * g
     torch.testing.assert_close(s.grad, expected, rtol=1e-4, atol=1e-5 * g * x.numel() * spec.qmax)
-    inside = (v > spec.qmin - zero_point) & (v < spec.qmax - zero_point)
+    inside = (v >= spec.qmin - zero_point) & (v <= spec.qmax - zero_point)
     torch.testing.assert_close(x.grad, inside.float())
 
 
@@ -171,8 +174,33 @@ def test_lsq_plus_offset_gradient_matches_the_closed_form_times_g(vals, scale, o
     g = 1 / math.sqrt(x.numel() * spec.qmax)
     outside = ((v <= spec.qmin) | (v >= spec.qmax)).float()
     torch.testing.assert_close(beta.grad, outside.sum() * g, rtol=1e-5, atol=1e-6)
-    expected_s = lsq_closed_form(v, spec.qmin, spec.qmax).sum() * g
+    expected_s = lsq_closed_form(v, spec.qmin, spec.qmax, ends_inside=False).sum() * g
     torch.testing.assert_close(s.grad, expected_s, rtol=1e-4, atol=1e-5 * g * x.numel() * spec.qmax)
+
+
+def test_fine_grid_trains_through_its_clamp_and_evaluates_exactly():
+    scale = torch.tensor(1e-3)  # 16 bits signed: ends ±32.768 / 32.767
+    x = torch.tensor([-40.0, -1.23456, 0.0004, 2.5, 32.767, 50.0])
+    exact = U.fake_quantize(x, scale, 0, -32768, 32767)  # no gradient: rounds
+    assert torch.equal(exact, U.dequantize(U.quantize(x, scale, 0, -32768, 32767), scale, 0))
+    t = x.clone().requires_grad_()
+    trained = U.fake_quantize(t, scale, 0, -32768, 32767)
+    assert (trained.detach() - exact).abs().max() <= 0.5e-3 + 1e-6
+    assert trained[0].item() == pytest.approx(-32.768) and trained[-1].item() == pytest.approx(32.767)
+    trained.sum().backward()
+    assert t.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    inside = x[1:4].clone().requires_grad_()  # nothing clamps: the input itself, no autograd node
+    assert U.fake_quantize(inside, scale, 0, -32768, 32767) is inside
+
+
+def test_lsq_ends_count_as_inside():
+    # unsigned 2 bits [0, 3], s = 1: v = x; 0 and 3 are the ends and pass the gradient
+    x = torch.tensor([-1.0, 0.0, 1.4, 3.0, 5.0], requires_grad=True)
+    s = torch.tensor(1.0, requires_grad=True)
+    U.lsq_fake_quantize(x, s, 0, 0, 3).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    g = 1 / math.sqrt(5 * 3)  # ∂x̂/∂s: 0 (below) | 0 | -0.4 | 0 | 3 (above)
+    torch.testing.assert_close(s.grad, torch.tensor(2.6 * g))
 
 
 def test_lsq_per_channel_scale_broadcasts_and_uses_elements_per_scale():
