@@ -10,7 +10,8 @@ row's and by ORT's own INT8 row's, all timed in the same rounds):
   ort-static        ``quantize_static`` of that file (QDQ, per-channel int8 weights, uint8
                     activations, MinMax; decoder excluded, as benchmarks/peers.py explains)
   yoloq-w8a8        the w8a8 preset: 16-bit pre-activations feed the activation tables, which ORT
-                    cannot fuse (QLinearConv outputs 8 bits), so its convs run in float
+                    cannot fuse (QLinearConv outputs 8 bits), so its convs are ConvInteger (exact
+                    int32 accumulators) and the tables Gather
   yoloq-w8a8-u8pre-table  w8a8 with 8-bit unsigned pre-activations: every network conv is
                     DQ -> Conv -> Q(uint8), which ORT fuses into QLinearConv, then the integer
                     graph's table as Gather (exact, but ORT's Gather is ~10x slower than its own
@@ -24,7 +25,10 @@ row's and by ORT's own INT8 row's, all timed in the same rounds):
 plus, for the record, the integer GraphModule (``yoloq.lower``) and the fake-quant graph in torch.
 
 Timing: every variant is warmed up (``--warmup`` runs), then ``--runs`` rounds each run every
-variant once in turn (so a slow spell of the VM hits all alike) and the median is reported.
+variant once in turn (so a slow spell of the VM hits all alike) and the median is reported. ORT's
+worker threads do not spin between runs (``--spinning`` turns it back on): with several sessions
+run in turn, a spinning session takes the cores of the next one, which had made ORT's own INT8 look
+1.7x slower than alone (45 ms instead of 27 ms).
 
     python benchmarks/ort_latency.py [--runs 30] [--warmup 10] [--no-map] [--percentile]
 """
@@ -86,7 +90,7 @@ def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
 
     peers.export_onnx(model, workdir / "fp32.onnx", args.imgsz)
     path = workdir / "fp32.onnx"
-    variants.append(_onnx_variant("fp32", path, peers.OnnxRuntimeModule(path).eval()))
+    variants.append(_onnx_variant("fp32", path, peers.OnnxRuntimeModule(path, spinning=args.spinning).eval()))
 
     singles = [image[None] for batch in calib for image in batch]
     for method in ("minmax", "percentile") if args.percentile else ("minmax",):
@@ -95,7 +99,7 @@ def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
         peers.onnxruntime_static(model, singles, args.imgsz, method, dir=ort_dir)
         path = ort_dir / f"{method}.onnx"
         name = "ort-static" if method == "minmax" else "ort-static-percentile"
-        variants.append(_onnx_variant(name, path, peers.OnnxRuntimeModule(path).eval()))
+        variants.append(_onnx_variant(name, path, peers.OnnxRuntimeModule(path, spinning=args.spinning).eval()))
 
     quantized, lowered = {}, {}  # by recipe name: one quantization and one lowering per recipe
     for name, (recipe, mode) in _exports().items():
@@ -105,7 +109,7 @@ def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
         qm = quantized[recipe.name]
         path = workdir / f"{name}.onnx"
         report = yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode)
-        module = OnnxModel(path, args.threads).eval()
+        module = OnnxModel(path, args.threads, spinning=args.spinning).eval()
         check = check_onnx(path, lowered[recipe.name], qm, [x])
         variants.append(_onnx_variant(name, path, module, export=mode, int4_weights=report.int4_weights,
                                       vs_integer_graph_max=round(check.integer_distance, 4),
@@ -140,6 +144,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-map", action="store_true", help="latency only")
+    parser.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=False,
+                        help="let ORT's worker threads spin between runs (default off: the sessions "
+                             "run in turn, and a spinning one steals the next one's cores)")
     parser.add_argument("--percentile", action="store_true",
                         help="also ORT's Percentile calibration (slow: ~10 GB, minutes)")
     args = parser.parse_args()

@@ -107,11 +107,13 @@ class OnnxRuntimeModule(nn.Module):
     Holds the TemporaryDirectory with the ONNX files, so they live exactly as long as the module.
     """
 
-    def __init__(self, path: Path, workdir: tempfile.TemporaryDirectory | None = None):
+    def __init__(self, path: Path, workdir: tempfile.TemporaryDirectory | None = None, spinning: bool = True):
         super().__init__()
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        if not spinning:  # see yoloq.passes.check_onnx.onnx_session
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.workdir = workdir

@@ -29,13 +29,17 @@ from yoloq.passes.eval_form import tensor_grids
 from yoloq.passes.integer_ops import Grid
 
 
-def onnx_session(path, threads: int = 1, optimized_path=None):
-    """An ONNX Runtime CPU session of ``path`` (``optimized_path``: where ORT writes the graph it runs)."""
+def onnx_session(path, threads: int = 1, optimized_path=None, spinning: bool = True):
+    """An ONNX Runtime CPU session of ``path`` (``optimized_path``: where ORT writes the graph it runs).
+    ``spinning=False`` lets the worker threads sleep after a run instead of spinning for the next
+    one: slower for a lone session, but sessions timed in turn then do not steal each other's cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3  # ORT warns when it serializes an NCHWc-optimized graph
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -46,9 +50,9 @@ class OnnxModel(nn.Module):
     ``yoloq.evaluate(OnnxModel(path), data, imgsz=..., rect=False)`` scores it (square inputs: the
     file's height and width are fixed)."""
 
-    def __init__(self, path, threads: int = 1):
+    def __init__(self, path, threads: int = 1, spinning: bool = True):
         super().__init__()
-        self.session = onnx_session(path, threads)
+        self.session = onnx_session(path, threads, spinning=spinning)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {"images": x.detach().to("cpu", torch.float32).contiguous().numpy()}

@@ -1,7 +1,9 @@
 """QDQ ONNX export of a calibrated ``QuantizedModel``, decoder included (ORT check: check_onnx.py).
 
     before:  Q_x -> QuantizedLayer(conv, act) -> Q_out -> ...           (fake-quant graph)
-    after:   Q -> DQ -> Conv(DQ(W_int8, s_w, axis 0), DQ(b_int32, s_x·s_w, axis 0))
+    after:   Q -> DQ -> Conv(DQ(W_int8, s_w, axis 0), DQ(b_int32, s_x·s_w, axis 0)) -> Q(uint8) -> DQ
+                 (an 8-bit output: the pattern ORT fuses into QLinearConv), or, for a wider output
+             Q(uint8) -> ConvInteger(W + 128) -> + b_int32 -> DQ(step, axis 1)
                  -> Q16 -> Cast -> Gather(table) -> DQ -> Q -> DQ -> ... -> heads -> decoder (float) -> boxes
 
 Every quantized tensor becomes a QuantizeLinear / DequantizeLinear pair with our scale and zero
@@ -20,7 +22,10 @@ decoder by hand; the exporter already does that.
 
 Choices, measured in tests/test_export_onnx.py (tiny-yolo; yolov5n in the slow test):
   pre_activation  a fused Conv-act has a 16-bit pre-activation (the integer graph's table input);
-                  ORT's QLinearConv outputs 8 bits only, so such a Conv runs in float whatever we do.
+                  ORT's QLinearConv outputs 8 bits only, so such a Conv (and a 16-bit head) is
+                  written as ConvInteger, the exact int32 accumulator, then dequantized and
+                  requantized to the wide grid (uint8 weight codes + 128: ORT's int8-weight
+                  ConvInteger is ~6x slower; 4-bit weights stored as INT4 keep DQ -> float Conv).
     "table"  (default) Q(int16) -> Cast -> Gather(the integer graph's table) -> DQ: our activation
              codes exactly; ORT's own Sigmoid differs from torch's and moves codes at ties
              (tiny-yolo w4a8: 1 head step instead of 72).
@@ -224,6 +229,31 @@ class _DequantizedConv(torch.autograd.Function):
                     group_i=groups)
 
 
+class _IntegerConv(torch.autograd.Function):
+    """DequantizeLinear(ConvInteger(QuantizeLinear(x), W_u8) + bias_i32, steps, axis 1): a conv whose
+    output grid is wider than 8 bits, which ORT cannot fuse into QLinearConv, still accumulates in
+    integers (MLAS's u8·u8 kernel; the int8 weight codes are stored shifted by 128, with zero point
+    128, because ORT's ConvInteger runs ~6x slower on int8 weights). The output is the exact
+    accumulator times its step G·s_w·s_x, before any requantization."""
+
+    @staticmethod
+    def forward(ctx, x, x_scale, x_zero, codes_u8, bias, steps, sh, sw, ph, pw, dh, dw, groups):
+        q = torch.clamp(torch.round(x / x_scale) + x_zero.float(), 0, 255) - x_zero.float()
+        weight = codes_u8.double() - 128.0
+        acc = F.conv2d(q.double(), weight, bias.double().flatten(), (sh, sw), (ph, pw), (dh, dw), groups)
+        return (acc * steps.double().view(1, -1, 1, 1)).float()
+
+    @staticmethod
+    def symbolic(g, x, x_scale, x_zero, codes_u8, bias, steps, sh, sw, ph, pw, dh, dw, groups):
+        q = g.op("QuantizeLinear", x, x_scale, x_zero)
+        w_zero = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
+        acc = g.op("ConvInteger", q, codes_u8, x_zero, w_zero, strides_i=[sh, sw], pads_i=[ph, pw, ph, pw],
+                   dilations_i=[dh, dw], group_i=groups)
+        acc = g.op("Add", acc, bias)
+        zero = g.op("Constant", value_t=torch.zeros(steps.type().sizes()[0], dtype=torch.int32))
+        return g.op("DequantizeLinear", acc, steps, zero, axis_i=1)
+
+
 class QDQConv(nn.Module):
     """A ``QuantizedLayer`` as Q/DQ input, DQ weight and bias, float Conv, [16-bit QDQ], activation."""
 
@@ -251,11 +281,27 @@ class QDQConv(nn.Module):
         self.input_qdq, self.pre_qdq = QDQ(x, opset), QDQ(pre, opset) if pre is not None else None
         self.act = getattr(qlayer.layer, "act", None)
         self.conv = dict(stride=p.stride, padding=p.padding, dilation=p.dilation, groups=p.groups)
+        # Integer accumulation where ORT cannot fuse (an output grid wider than 8 bits): ConvInteger
+        # on uint8 input codes and symmetric weight codes (not 4-bit ones stored as INT4: what 4 bits
+        # buy in the file is memory, and ORT has no integer conv for them).
+        wide = (pre or out).qmax - (pre or out).qmin > 255
+        self.integer = (wide and self.bias_codes is not None and 0 <= x.qmin and x.qmax <= 255
+                        and bool((p.weight_zero == 0).all()) and p.signed and name != INT4_MARK)
+        if self.integer:
+            self.register_buffer("codes_u8", (p.codes + 128).to(torch.uint8))
+            self.register_buffer("bias_acc", p.bias.to(torch.int32).view(1, -1, 1, 1))
+            self.register_buffer("steps", steps.float())
+            self.register_buffer("x_scale", torch.tensor(x.scale, dtype=torch.float32))
+            self.register_buffer("x_zero", torch.tensor(x.zero_point, dtype=torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_qdq(x)
         codes = getattr(self, self.codes_name)
-        if self.bias_codes is not None:
+        if self.integer:
+            y = _IntegerConv.apply(x, self.x_scale, self.x_zero, self.codes_u8, self.bias_acc, self.steps,
+                                   *self.conv["stride"], *self.conv["padding"], *self.conv["dilation"],
+                                   self.conv["groups"])
+        elif self.bias_codes is not None:
             y = _DequantizedConv.apply(x, codes, self.weight_scale, self.weight_zero, self.bias_codes, self.bias_scale,
                                        self.bias_zero, *self.conv["stride"], *self.conv["padding"],
                                        *self.conv["dilation"], self.conv["groups"])
@@ -369,7 +415,9 @@ def export_onnx(qm, path, imgsz: int = 640, opset: int = 21, pre_activation: str
 
 
 def _finish(model: onnx.ModelProto, opset: int) -> int:
-    """Set the opset (21 only widened Q/DQ and shape ops' types) and store 4-bit codes as INT4."""
+    """Set the opset (21 only widened Q/DQ and shape ops' types), let shape reads skip dequantization,
+    and store 4-bit codes as INT4."""
+    _shapes_before_dequantization(model)
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
@@ -395,3 +443,16 @@ def _finish(model: onnx.ModelProto, opset: int) -> int:
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     return int4
+
+
+def _shapes_before_dequantization(model: onnx.ModelProto) -> int:
+    """``Shape(DequantizeLinear(q))`` -> ``Shape(q)`` (the same shape). The decoder reads each head's
+    shape (the batch is dynamic); ORT gives every consumer of a DequantizeLinear its own copy, so
+    each shape read cost a full dequantization of the head (yolov5n at 640: ~1.5 ms a frame)."""
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    moved = 0
+    for node in model.graph.node:
+        if node.op_type == "Shape" and node.input[0] in dequantized:
+            node.input[0] = dequantized[node.input[0]]
+            moved += 1
+    return moved

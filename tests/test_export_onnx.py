@@ -61,26 +61,36 @@ def _zero_point_types(model) -> list[int]:
     """Element type of every QuantizeLinear's zero point (Constant nodes or initializers)."""
     constants = {n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"}
     constants.update({t.name: t.data_type for t in model.graph.initializer})
+    for n in model.graph.node:  # the exporter shares equal initializers through Identity nodes
+        if n.op_type == "Identity" and n.input[0] in constants:
+            constants[n.output[0]] = constants[n.input[0]]
     return [constants[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
 
 
 # ----------------------------------------------------------------------------- structure
-def test_w8a8_structure_is_qdq_around_every_conv(tmp_path):
+def test_w8a8_structure_is_an_integer_conv_before_every_wide_grid(tmp_path):
+    # w8a8's convs all output 16-bit grids (pre-activations, heads), which ORT cannot fuse into
+    # QLinearConv: each is Q(uint8) -> ConvInteger(uint8 codes + 128) -> + int32 bias -> DQ(axis 1)
     qm = _quantized()
     path, report = _export(qm, tmp_path)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     producers = {out: n for n in model.graph.node for out in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     inits = _initializers(model)
-    network_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] not in inits]
-    assert len(network_convs) == 18  # the decoder's DFL conv keeps its float weight
-    for conv in network_convs:
-        x, w, b = (producers[i] for i in conv.input)
-        assert {x.op_type, w.op_type, b.op_type} == {"DequantizeLinear"}
-        assert inits[w.input[0]].data_type == onnx.TensorProto.INT8
-        assert inits[b.input[0]].data_type == onnx.TensorProto.INT32
-        assert [a.i for a in w.attribute if a.name == "axis"] == [0]
-        assert producers[x.input[0]].op_type == "QuantizeLinear"
+    assert not [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] not in inits]
+    convs = [n for n in model.graph.node if n.op_type == "ConvInteger"]
+    assert len(convs) == 18  # the decoder's DFL conv keeps its float weight
+    for conv in convs:
+        assert producers[conv.input[0]].op_type == "QuantizeLinear"
+        assert inits[conv.input[1]].data_type == onnx.TensorProto.UINT8
+        (add,) = consumers[conv.output[0]]
+        assert add.op_type == "Add" and inits[add.input[1]].data_type == onnx.TensorProto.INT32
+        (dq,) = consumers[add.output[0]]
+        assert dq.op_type == "DequantizeLinear" and [a.i for a in dq.attribute if a.name == "axis"] == [1]
     types = _zero_point_types(model)
     # input + 8-bit activations (uint8); 14 pre-activations (the tables' inputs) + 4 heads (int16, opset 21)
     assert types.count(onnx.TensorProto.INT16) == 14 + 4
@@ -88,6 +98,9 @@ def test_w8a8_structure_is_qdq_around_every_conv(tmp_path):
     assert report.opset == 21 and report.float_tensors == () and report.int4_weights == 0
     assert [o.name for o in model.graph.output] == ["head0", "head1", "head2", "head3", "boxes"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # the decoder reads head shapes before dequantization (ORT would copy the DQ for each read)
+    assert all(producers[n.input[0]].op_type != "DequantizeLinear" for n in model.graph.node
+               if n.op_type == "Shape" and n.input[0] in producers)
 
 
 def test_weights_and_biases_hold_the_integer_graphs_numbers(tmp_path):
@@ -95,8 +108,9 @@ def test_weights_and_biases_hold_the_integer_graphs_numbers(tmp_path):
     path, _ = _export(qm, tmp_path)
     inits = {k: onnx.numpy_helper.to_array(v) for k, v in _initializers(onnx.load(str(path))).items()}
     conv = yoloq.lower(qm).graph_module.get_submodule("stem_0_conv")
-    assert np.array_equal(inits["network.stem.0.conv.codes"], conv.weight.numpy())
-    assert np.array_equal(inits["network.stem.0.conv.bias_codes"], conv.bias.numpy())
+    codes = inits["network.stem.0.conv.codes_u8"].astype(np.int32) - 128  # stored shifted (ConvInteger)
+    assert np.array_equal(codes, conv.weight.numpy())
+    assert np.array_equal(inits["network.stem.0.conv.bias_acc"].flatten(), conv.bias.numpy())
 
 
 def test_export_twice_gives_the_same_graph(tmp_path):
