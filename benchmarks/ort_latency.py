@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,7 +79,9 @@ def _exports() -> dict[str, tuple[object, str]]:
 
 def _onnx_variant(name: str, path: Path, module: torch.nn.Module, **extra) -> Variant:
     fused, convs = fused_convs(path)
-    return Variant(name, module, module, {"fused_convs": f"{fused}/{fused + convs}",
+    integer = sum(n.op_type == "ConvInteger" for n in onnx.load(str(path)).graph.node)
+    return Variant(name, module, module, {"fused_convs": f"{fused}/{fused + convs + integer}",
+                                          "integer_convs": integer,
                                           "file_kb": round(path.stat().st_size / 1e3), **extra})
 
 

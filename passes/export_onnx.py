@@ -58,6 +58,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import operator
 import warnings
 from pathlib import Path
 
@@ -74,7 +75,7 @@ from yoloq.passes.eval_form import tensor_grids
 from yoloq.passes.graph_utils import set_module
 from yoloq.passes.insert_quantizers import QUANTIZES, QuantizedLayer
 from yoloq.passes.integer_ops import Grid, LoweringError, conv_requant, grid_of, layer_affine, lookup_table
-from yoloq.passes.plan_quantization import QUANT
+from yoloq.passes.plan_quantization import CONCATS, QUANT
 
 TORCHSCRIPT_MAX_OPSET = 20
 CONTAINERS = {(0, 255): torch.uint8, (-128, 127): torch.int8, (0, 65535): torch.uint16, (-32768, 32767): torch.int16}
@@ -347,8 +348,36 @@ def qdq_module(qm, opset: int = 21, pre_activation: str = "table") -> tuple[nn.M
             if conv.act is not None and not tabled and (conv.pre_qdq is None or conv.pre_qdq.dtype is None):
                 left_float.append(f"{node.target}:pre_activation")
             set_module(gm, node.target, conv)
+        elif node in grids and _regroups_codes(gm, node):
+            _requantize_after(gm, node, grids, opset)
     gm.recompile()
     return _WithDecoder(gm, copy.deepcopy(qm.decoder)).eval(), tuple(left_float)
+
+
+def _regroups_codes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A Concat or Upsample, or a slice of a chunk that a Concat takes: exact on codes, but ORT runs
+    them on codes (QLinearConcat, uint8 Resize) only when a QuantizeLinear follows directly (a Concat
+    with that one consumer) and every Concat input comes from a DequantizeLinear."""
+    if node.op == "call_function":
+        if node.target in CONCATS:
+            return True
+        return node.target is operator.getitem and any(u.op == "call_function" and u.target in CONCATS
+                                                       for u in node.users)
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Upsample)
+
+
+def _requantize_after(gm: fx.GraphModule, node: fx.Node, grids: dict, opset: int) -> None:
+    """Q -> DQ on ``node``'s own grid (exact: its values are on it) between it and its users, for the
+    8-bit grids ORT's kernels take."""
+    qdq = QDQ(grids[node], opset)
+    if qdq.dtype is None or qdq.dtype.itemsize != 1:
+        return
+    name = f"regroup_qdq_{node.name}"
+    gm.add_submodule(name, qdq)
+    with gm.graph.inserting_after(node):
+        requantized = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(requantized, delete_user_cb=lambda user: user is not requantized)
+    grids[requantized] = grids[node]
 
 
 def _qdq_conv(gm: fx.GraphModule, node: fx.Node, grids, opset: int, pre_activation: str) -> QDQConv:
