@@ -90,9 +90,19 @@ class OscillationTracker:
 
     @torch.no_grad()
     def _all_codes(self) -> torch.Tensor:
-        if not self.layers:
-            return torch.zeros(0)
-        return torch.cat([self.current_codes(name).reshape(-1) for name in self.layers]).float()
+        """Every layer's codes as float, written straight into one flat tensor: for a symmetric
+        uniform grid ``clamp(round(W/s))`` in three in-place passes (what ``FakeQuantize.codes``
+        computes, without its int32 round trip), else through ``codes``."""
+        flat = torch.empty(sum(b - a for a, b, _ in self._slices.values()))
+        for name, (a, b, shape) in self._slices.items():
+            layer, out = self.layers[name], flat[a:b].view(shape)
+            quant = layer.weight_quant
+            spec = quant.spec
+            if spec.scheme == "uniform" and spec.symmetric and spec.learned in ("none", "lsq"):
+                torch.div(layer.effective_weight(), quant._scale(), out=out).round_().clamp_(spec.qmin, spec.qmax)
+            else:
+                out.copy_(self.current_codes(name))
+        return flat
 
     @torch.no_grad()
     def update(self) -> None:
