@@ -93,12 +93,15 @@ def main_export(args: argparse.Namespace) -> int:
     report = export_onnx(qm, args.output, imgsz=args.imgsz, opset=args.opset, pre_activation=args.pre_activation)
     counts = report.op_counts
     print(f"wrote {report.path}: opset {report.opset}, {counts.get('QuantizeLinear', 0)} QuantizeLinear, "
-          f"{counts.get('DequantizeLinear', 0)} DequantizeLinear, {counts.get('Conv', 0)} Conv; "
+          f"{counts.get('DequantizeLinear', 0)} DequantizeLinear, {counts.get('Conv', 0)} Conv, "
+          f"{counts.get('ConvInteger', 0)} ConvInteger; "
           f"INT4 weights in {report.int4_weights} layer(s); onnx.checker passed")
     if report.float_tensors:
         print(f"left float (no int16 QuantizeLinear before opset 21): {', '.join(report.float_tensors)}")
     fused, plain = fused_convs(report.path)
-    print(f"ONNX Runtime fuses {fused} of {fused + plain} convolutions into QLinearConv")
+    integer = counts.get("ConvInteger", 0)
+    print(f"ONNX Runtime fuses {fused} of {fused + plain + integer} convolutions into QLinearConv; "
+          f"{integer} run as ConvInteger (wider than 8-bit outputs), {plain} in float")
     check = check_onnx(report.path, lower(qm), qm, torch.cat(batches)[: max(args.check, 1)])
     print(check.verdict)
     return 0
