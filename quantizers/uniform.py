@@ -197,9 +197,10 @@ class _LsqFakeQuantize(torch.autograd.Function):
     with the mask and ∂x̂/∂s saved from the forward's own passes instead of autograd's graph of
     divisions, wheres and straight-through terms (the values are the same). The ends count as inside
     (the paper's strict ``<`` differs only on the measure-zero set ``x/s ∈ {lo, hi}``), so one
-    comparison of the clamped value with ``v`` gives the mask. Outside the range the rounded value *is* the end (lo, hi are integers), so
-    ``∂x̂/∂s = rounded − v · inside`` needs no ``where``; the mask is float 0/1 (``_ste_forward`` says
-    why), and a single scale's gradient is one dot product instead of a product tensor and a sum."""
+    comparison of the clamped value with ``v`` gives the mask. Outside the range the rounded value
+    *is* the end (lo, hi are integers), so ``∂x̂/∂s = rounded − v · inside`` needs no ``where``; the
+    mask is float 0/1 (``_ste_forward`` says why), and a single scale's gradient is one dot product
+    instead of a product tensor and a sum."""
 
     @staticmethod
     def forward(ctx, x, scale, low, high, grad_factor):
