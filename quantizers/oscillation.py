@@ -93,7 +93,10 @@ class OscillationTracker:
         """Every layer's codes as float, written straight into one flat tensor: for a symmetric
         uniform grid ``clamp(round(W/s))`` in three in-place passes (what ``FakeQuantize.codes``
         computes, without its int32 round trip), else through ``codes``."""
-        flat = torch.empty(sum(b - a for a, b, _ in self._slices.values()))
+        if not self.layers:
+            return torch.zeros(0)
+        device = next(iter(self.layers.values())).layer.weight.device
+        flat = torch.empty(sum(b - a for a, b, _ in self._slices.values()), device=device)
         for name, (a, b, shape) in self._slices.items():
             layer, out = self.layers[name], flat[a:b].view(shape)
             quant = layer.weight_quant
@@ -115,6 +118,8 @@ class OscillationTracker:
                         frozen=torch.zeros_like(codes, dtype=torch.bool), frozen_codes=zeros.clone())
             self.steps += 1
             return
+        if flat["codes"].device != codes.device:  # loaded from a checkpoint onto another device
+            self._flat = flat = {kind: t.to(codes.device) for kind, t in flat.items()}
         m = self.momentum
         flat["mean_code"].mul_(1.0 - m).add_(codes, alpha=m)
         step = torch.sub(codes, flat["codes"]).sign_()
