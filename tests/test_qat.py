@@ -13,7 +13,7 @@ from yoloq.models.tiny import tiny_yolo
 from yoloq.passes.insert_quantizers import QuantizedLayer
 from yoloq.quantizers.fake_quantize import FakeQuantize
 from yoloq.recipe import Recipe
-from yoloq.tools.qat import QATConfig, QATError, cosine_factor, load_checkpoint, train_qat
+from yoloq.tools.qat import QATConfig, QATError, cosine_factor, fused_optimizer, load_checkpoint, train_qat
 from yoloq.tools.qat_hook import QATHook, TrainingDiverged
 from yoloq.tools.train_data import TrainDataset
 
@@ -151,6 +151,19 @@ def test_parameter_groups_and_schedule(toy_dataset):
     assert cosine_factor(4, 100, 10, 0.01) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="scale_lr"):
         QATHook(qm).param_groups(lr=1e-3, scale_lr=-1)
+
+
+def test_optimizers_are_fused_where_torch_has_a_kernel():
+    params = [nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))]
+    assert fused_optimizer(torch.optim.AdamW, params, lr=1e-3).defaults["fused"] is True
+    sgd = fused_optimizer(torch.optim.SGD, [{"params": params, "lr": 0.1}], lr=0.1, momentum=0.9, nesterov=True)
+    assert sgd.defaults["fused"] is True
+    plain = fused_optimizer(torch.optim.RMSprop, params, lr=0.1)  # no fused kernel at all: the loop
+    assert not plain.defaults.get("fused") and len(plain.param_groups[0]["params"]) == 2
+    before = params[0].detach().clone()
+    params[0].grad, params[1].grad = torch.ones(3, 3), torch.ones(3)
+    plain.step()
+    assert not torch.equal(params[0], before)
 
 
 @pytest.mark.parametrize("field, value", [("imgsz", 50), ("batch", 0), ("optimizer", "lion"), ("lr", float("nan"))])
