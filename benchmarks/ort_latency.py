@@ -43,14 +43,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (benchmarks/peers.py: the float export and ORT's quantize_static)
 
 import yoloq  # noqa: E402
-from yoloq.passes.check_onnx import OnnxModel, check_onnx, fused_convs  # noqa: E402
+from yoloq.passes.check_onnx import OnnxModel, check_onnx, fused_convs, optimized_ops  # noqa: E402
 from yoloq.quantize import calibration_batches  # noqa: E402
 from yoloq.quantizers.spec import QuantSpec  # noqa: E402
 from yoloq.recipe import load_recipe  # noqa: E402
@@ -78,8 +77,8 @@ def _exports() -> dict[str, tuple[object, str]]:
 
 
 def _onnx_variant(name: str, path: Path, module: torch.nn.Module, **extra) -> Variant:
-    fused, convs = fused_convs(path)
-    integer = sum(n.op_type == "ConvInteger" for n in onnx.load(str(path)).graph.node)
+    counts = optimized_ops(path)
+    (fused, convs), integer = fused_convs(path, counts), counts["ConvInteger"]
     return Variant(name, module, module, {"fused_convs": f"{fused}/{fused + convs + integer}",
                                           "integer_convs": integer,
                                           "file_kb": round(path.stat().st_size / 1e3), **extra})

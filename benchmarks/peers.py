@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quantize_static)
@@ -47,6 +46,7 @@ from torch import nn
 
 from yoloq.models.checkpoint import load
 from yoloq.passes.capture import capture
+from yoloq.passes.check_onnx import onnx_session
 from yoloq.passes.concrete_tracer import GuardCheck
 from yoloq.tools.data import YoloDataset
 from yoloq.tools.evaluate import evaluate
@@ -109,12 +109,7 @@ class OnnxRuntimeModule(nn.Module):
 
     def __init__(self, path: Path, workdir: tempfile.TemporaryDirectory | None = None, spinning: bool = True):
         super().__init__()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        if not spinning:  # see yoloq.passes.check_onnx.onnx_session
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, torch.get_num_threads(), spinning=spinning)
         self.input_name = self.session.get_inputs()[0].name
         self.workdir = workdir
 

@@ -120,11 +120,16 @@ def _head_grids(qm) -> list[Grid]:
     return [grids[n] for n in pytree.tree_leaves(output.args[0]) if isinstance(n, fx.Node)]
 
 
-def fused_convs(path) -> tuple[int, int]:
-    """(QLinearConv, Conv + FusedConv) in the graph ONNX Runtime runs for ``path`` after its
-    optimizations: how many convolutions it fused into integer kernels."""
+def optimized_ops(path) -> collections.Counter:
+    """Op types in the graph ONNX Runtime runs for ``path`` after its optimizations."""
     with tempfile.TemporaryDirectory(prefix="yoloq-ort-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         onnx_session(path, optimized_path=optimized)
-        counts = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+        return collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+
+
+def fused_convs(path, counts: collections.Counter | None = None) -> tuple[int, int]:
+    """(QLinearConv, Conv + FusedConv) in the graph ONNX Runtime runs for ``path`` (or in its
+    ``optimized_ops`` counts): how many convolutions it fused into integer kernels."""
+    counts = optimized_ops(path) if counts is None else counts
     return counts["QLinearConv"], counts["Conv"] + counts["FusedConv"]

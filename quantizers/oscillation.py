@@ -70,11 +70,14 @@ class OscillationTracker:
         self.steps = 0
 
     # ----------------------------------------------------------------------------- per-layer views
+    def _view(self, kind: str, name: str) -> torch.Tensor:
+        a, b, shape = self._slices[name]
+        return self._flat[kind][a:b].view(shape)
+
     def _views(self, kind: str) -> dict[str, torch.Tensor]:
-        flat = self._flat.get(kind)
-        if flat is None:
+        if kind not in self._flat:
             return {}
-        return {name: flat[a:b].view(shape) for name, (a, b, shape) in self._slices.items()}
+        return {name: self._view(kind, name) for name in self._slices}
 
     codes = property(lambda self: self._views("codes"))
     direction = property(lambda self: self._views("direction"))
@@ -135,12 +138,11 @@ class OscillationTracker:
     def oscillating(self, name: str) -> torch.Tensor:
         """Boolean mask of ``name``'s weights whose frequency is above the threshold and that are not
         frozen (a frozen weight's frequency decays from where it was, but it no longer moves)."""
-        return (self.frequency[name] > self.threshold) & ~self.frozen[name]
+        return (self._view("frequency", name) > self.threshold) & ~self._view("frozen", name)
 
     def layer_stats(self) -> list[LayerOscillation]:
-        frozen = self.frozen
         return [LayerOscillation(name, f.numel(), float(self.oscillating(name).float().mean()), float(f.mean()),
-                                 float(frozen[name].float().mean()))
+                                 float(self._view("frozen", name).float().mean()))
                 for name, f in self.frequency.items()]
 
     def summary(self) -> dict[str, float]:
