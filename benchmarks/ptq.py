@@ -37,13 +37,19 @@ WEIGHT_GRIDS = {
 
 def recipes() -> dict[str, Recipe]:
     """Row name -> recipe: the w4a8 / w4a4 presets (first and head layers at 8 bits) with each
-    weight grid in turn. LSQ flags in the presets change nothing here: PTQ does not train."""
+    weight grid in turn, rounded to nearest (the grids compared alike), then the uniform
+    per-channel grid with GPTQ's rounding (``passes/gptq.py``; the w4a8 preset's own choice). LSQ
+    flags in the presets change nothing here: PTQ does not train."""
     rows = {"w8a8-per-channel": Recipe.preset("w8a8")}
     for base in ("w4a8", "w4a4"):
         preset = Recipe.preset(base).to_dict()
         for grid, fields in WEIGHT_GRIDS.items():
             weight = {"bits": 4, "signed": True, "symmetric": True, "observer": "mse", **fields}
-            rows[f"{base}-{grid}"] = Recipe.from_dict({**preset, "name": f"{base}-{grid}", "weight": weight})
+            rows[f"{base}-{grid}"] = Recipe.from_dict({**preset, "name": f"{base}-{grid}", "weight": weight,
+                                                       "weight_rounding": "nearest"})
+        per_channel = rows[f"{base}-uniform-per-channel"].to_dict()
+        rows[f"{base}-uniform-per-channel-gptq"] = Recipe.from_dict(
+            {**per_channel, "name": f"{base}-uniform-per-channel-gptq", "weight_rounding": "gptq"})
     return rows
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from yoloq.passes.calibrate import check_batches, quantizers
+from yoloq.passes.calibrate import check_batches, require_calibrated, run_float
 from yoloq.passes.insert_quantizers import QuantizedLayer
 from yoloq.pipeline import PassResult
 
@@ -66,24 +66,9 @@ class BiasCorrection:
     name: str = NAME
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        found = [q for _, q in quantizers(gm)]
         errors = {name: _MeanError(m) for name, m in gm.named_modules()
                   if isinstance(m, QuantizedLayer) and m.weight_quant is not None}
-        hooks = [error.layer.register_forward_pre_hook(error) for error in errors.values()]
-        was_training = gm.training
-        gm.eval()
-        try:
-            for q in found:  # the float network
-                q.observing, q.quantizing = False, False
-            with torch.no_grad():
-                for batch in self.batches:
-                    gm(batch)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for q in found:
-                q.quantizing = True
-            gm.train(was_training)
+        run_float(gm, self.batches, [(error.layer, error) for error in errors.values()])
         shifts = {name: error.apply() for name, error in errors.items()}
         notes = [f"largest mean shift {max(shifts.values()):.3g} at {max(shifts, key=shifts.get)}"] if shifts else []
         images = sum(int(b.shape[0]) for b in self.batches)
@@ -91,12 +76,9 @@ class BiasCorrection:
 
     @staticmethod
     def requires(gm: fx.GraphModule) -> str | None:
-        found = quantizers(gm)
-        if not found:
-            return "no FakeQuantize modules: run insert_quantizers and calibrate first"
-        uncalibrated = [name for name, q in found if not q.is_calibrated]
-        if uncalibrated:
-            return f"uncalibrated quantizers (run calibrate first): {uncalibrated[:3]}"
+        reason = require_calibrated(gm)
+        if reason is not None:
+            return reason
         qat = [name for name, m in gm.named_modules() if isinstance(m, QuantizedLayer) and (m.fold_bn or m.has_qc)]
         # Their bias sits behind a BN fold or QC's γ, where ε would need rescaling; QAT learns it anyway.
         return f"layers with fold-simulated BN or QC (a QAT graph): {qat[:3]}" if qat else None

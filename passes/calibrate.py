@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -50,6 +51,37 @@ def check_batches(batches: Iterable[torch.Tensor], channels: int | None = None) 
 
 def quantizers(gm: torch.nn.Module) -> list[tuple[str, FakeQuantize]]:
     return [(name, m) for name, m in gm.named_modules() if isinstance(m, FakeQuantize)]
+
+
+def require_calibrated(gm: torch.nn.Module) -> str | None:
+    """``requires`` of a pass that reads calibrated quantizers: None, or why it cannot run."""
+    found = quantizers(gm)
+    if not found:
+        return "no FakeQuantize modules: run insert_quantizers and calibrate first"
+    uncalibrated = [name for name, q in found if not q.is_calibrated]
+    return f"uncalibrated quantizers (run calibrate first): {uncalibrated[:3]}" if uncalibrated else None
+
+
+def run_float(gm: torch.nn.Module, batches: Iterable[torch.Tensor], pre_hooks: Iterable[tuple[torch.nn.Module, Any]]) -> None:
+    """Run ``batches`` through ``gm``'s float network (every quantizer passes values through), in eval
+    mode and without gradients, with each ``(module, hook)`` a forward pre-hook meanwhile; afterwards
+    the hooks are gone, the quantizers quantize again and the training flag is as it was."""
+    found = [q for _, q in quantizers(gm)]
+    hooks = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
+    was_training = gm.training
+    gm.eval()
+    try:
+        for q in found:
+            q.observing, q.quantizing = False, False
+        with torch.no_grad():
+            for batch in batches:
+                gm(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for q in found:
+            q.quantizing = True
+        gm.train(was_training)
 
 
 def set_mode(gm: torch.nn.Module, observing: bool, quantizing: bool) -> None:

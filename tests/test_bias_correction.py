@@ -115,7 +115,7 @@ def _pass_names(recipe: Recipe, **kwargs) -> list[str]:
 
 def test_recipe_flag_puts_the_pass_after_calibration():
     on = Recipe(bias_correction=True)
-    assert _pass_names(on)[-2:] == ["calibrate", "bias_correction"]
+    assert _pass_names(on)[-3:] == ["calibrate", "tighten_pre_activation", "bias_correction"]
     assert "bias_correction" not in _pass_names(Recipe())
     assert "bias_correction" not in _pass_names(on, qat=True)
 

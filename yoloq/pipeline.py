@@ -97,15 +97,19 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
 
     ``qat=True`` prepares for quantization-aware training: BatchNorm is not folded into the float
     weights (it stays after the quantized conv, or is fold-simulated per ``recipe.qat_batchnorm``).
-    Without ``qat``, ``recipe.bias_correction`` adds ``bias_correction`` after calibration."""
+    Without ``qat``, ``recipe.tighten_pre_activation`` and then ``recipe.weight_rounding == "gptq"``
+    or else ``recipe.bias_correction`` add those passes after calibration (QAT learns its weights
+    and biases, and its activation grids move)."""
     from yoloq.passes.bias_correction import bias_correction
     from yoloq.passes.calibrate import calibrate
     from yoloq.passes.fold_conv_bn import fold_conv_bn
     from yoloq.passes.fold_implicit import fold_implicit
     from yoloq.passes.fuse_conv_act import fuse_conv_act
+    from yoloq.passes.gptq import gptq
     from yoloq.passes.insert_quantizers import insert_quantizers
     from yoloq.passes.plan_quantization import plan_quantization
     from yoloq.passes.qat_batchnorm import qat_batchnorm
+    from yoloq.passes.tighten_pre_activation import tighten_pre_activation
 
     order = ("captured", "folded", "fused", "quantized", "calibrated")
     if stage not in order:
@@ -122,6 +126,10 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
             steps.append(("quantized", qat_batchnorm(recipe.qat_batchnorm)))
     if calib is not None:
         steps.append(("calibrated", calibrate(calib)))
-        if recipe is not None and recipe.bias_correction and not qat:  # QAT learns its biases
+        if recipe is not None and recipe.tighten_pre_activation and not qat:
+            steps.append(("calibrated", tighten_pre_activation))
+        if recipe is not None and recipe.weight_rounding == "gptq" and not qat:
+            steps.append(("calibrated", gptq(calib)))  # it minimises the mean error too: no bias correction
+        elif recipe is not None and recipe.bias_correction and not qat:
             steps.append(("calibrated", bias_correction(calib)))
     return tuple(p for step, p in steps if order.index(step) <= order.index(stage))

@@ -37,6 +37,9 @@ CONCAT_POLICIES = ("shared", "requantize")
 # "separate" keeps BN its own op after the quantized conv (the seed paper's choice); "fold_simulated"
 # quantizes the BN-folded weight and corrects with batch statistics (Krishnamoorthi 2018, §3.2.2).
 QAT_BATCHNORM = ("separate", "fold_simulated")
+# How PTQ picks weight codes: "nearest" rounds each weight alone; "gptq" picks them for each layer's
+# output over the calibration images (passes/gptq.py).
+WEIGHT_ROUNDING = ("nearest", "gptq")
 LAYER_KINDS = ("weight", "activation", "pre_activation")  # the spec kinds an override can set
 
 _PRESET_DIR = resources.files("yoloq").joinpath("presets")
@@ -124,6 +127,13 @@ class Recipe:
     # After calibration, fold each quantized layer's mean output error into its bias (PTQ; see
     # passes/bias_correction.py).
     bias_correction: bool = False
+    # After calibration, narrow each fused layer's pre-activation grid to the values whose code after
+    # the activation and its quantizer can still differ: finer steps, no added error (PTQ; see
+    # passes/tighten_pre_activation.py).
+    tighten_pre_activation: bool = True
+    # PTQ weight codes (WEIGHT_ROUNDING); "gptq" includes each layer's mean output error in what it
+    # minimises, so bias_correction does not run after it.
+    weight_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -143,8 +153,11 @@ class Recipe:
             raise RecipeError(f"concat_policy: {self.concat_policy!r} is not one of {list(CONCAT_POLICIES)}")
         if self.qat_batchnorm not in QAT_BATCHNORM:
             raise RecipeError(f"qat_batchnorm: {self.qat_batchnorm!r} is not one of {list(QAT_BATCHNORM)}")
-        if not isinstance(self.bias_correction, bool):
-            raise RecipeError(f"bias_correction: {self.bias_correction!r} is not true or false")
+        if self.weight_rounding not in WEIGHT_ROUNDING:
+            raise RecipeError(f"weight_rounding: {self.weight_rounding!r} is not one of {list(WEIGHT_ROUNDING)}")
+        for flag in ("bias_correction", "tighten_pre_activation"):
+            if not isinstance(getattr(self, flag), bool):
+                raise RecipeError(f"{flag}: {getattr(self, flag)!r} is not true or false")
 
     def resolve(self, name: str, roles: frozenset[str] | set[str] = frozenset()) -> LayerSpecs:
         """The specs of layer ``name`` with planner-assigned ``roles``: defaults, then overrides in order."""
@@ -176,6 +189,8 @@ class Recipe:
             "concat_policy": self.concat_policy,
             "qat_batchnorm": self.qat_batchnorm,
             "bias_correction": self.bias_correction,
+            "tighten_pre_activation": self.tighten_pre_activation,
+            "weight_rounding": self.weight_rounding,
             "overrides": [override.to_dict() for override in self.overrides],
         }
 
