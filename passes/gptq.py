@@ -73,11 +73,11 @@ class _Hessian:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        images = x.shape[0] if isinstance(self.layer.layer, nn.Conv2d) else 1
-        for image in (x[i:i + 1] for i in range(images)) if images > 1 else (x,):  # one image's im2col at a time
-            cols = self._columns(image)
-            if cols.shape[1] > COLUMNS // images:
-                keep = torch.randperm(cols.shape[1], generator=self.generator)[:COLUMNS // images]
+        parts = x.split(1) if isinstance(self.layer.layer, nn.Conv2d) else (x,)  # one image's im2col at a time
+        for part in parts:
+            cols = self._columns(part)
+            if cols.shape[1] > COLUMNS // len(parts):
+                keep = torch.randperm(cols.shape[1], generator=self.generator)[:COLUMNS // len(parts)]
                 cols = cols[:, keep.to(cols.device)]
             cols = cols.double()
             gram = cols.transpose(1, 2) @ cols
