@@ -1,8 +1,9 @@
 """ONNX Runtime latency and accuracy of yoloq's QDQ export against FP32 and ORT's own static INT8.
 
-Model yolov5n.pt at 640, batch 1, ORT CPU sessions with 2 intra-op threads; calibration on the
-first 32 COCO128 train images, mAP on all 128 at 640 square (the exported files have a fixed
-input size, so every row, FP32 included, is scored on letterboxed squares; train = val here).
+Model yolov5n.pt at 640, batch 1, ORT CPU sessions with 2 intra-op threads, timed on 640 x 640;
+calibration on the first 32 COCO128 train images, mAP on all 128 as YOLOv5's val scores them:
+rectangular letterboxes at 640 (every file is exported with a free height and width;
+``--square`` scores 640 x 640 letterboxes instead; train = val here).
 
 Rows (one JSON line each; ``ratio_fp32`` and ``ratio_ort`` divide the row's median by the FP32
 row's and by ORT's own INT8 row's, all timed in the same rounds):
@@ -26,7 +27,9 @@ quantized, exported and scored from N disjoint 32-image calibration sets (train 
 ...): ``map50_95_sets`` lists them and ``map50_95_mean`` is their mean. A 128-image mAP moves by a few
 tenths of a point under perturbations far below a quantization step, so one calibration set
 cannot resolve a 0.3-point target; the mean over four can, to about a tenth.
-plus, for the record, the integer GraphModule (``yoloq.lower``) and the fake-quant graph in torch.
+``yoloq-w8a8-u8pre-fixed`` (timed only) is the fast row's model exported at a fixed 640 x 640: what
+a free input size costs ORT. Plus, for the record, the integer GraphModule (``yoloq.lower``) and
+the fake-quant graph in torch.
 
 Timing: every variant is warmed up (``--warmup`` runs), then ``--runs`` rounds each run every
 variant once in turn (so a slow spell of the VM hits all alike) and the median is reported. ORT's
@@ -34,7 +37,7 @@ worker threads do not spin between runs (``--spinning`` turns it back on): with 
 run in turn, a spinning session takes the cores of the next one, which had made ORT's own INT8 look
 1.7x slower than alone (45 ms instead of 27 ms).
 
-    python benchmarks/ort_latency.py [--runs 30] [--warmup 10] [--no-map] [--percentile] [--calib-sets 4]
+    python benchmarks/ort_latency.py [--runs 30] [--warmup 10] [--no-map] [--square] [--percentile] [--calib-sets 4]
 """
 from __future__ import annotations
 
@@ -114,13 +117,18 @@ def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
             lowered[recipe.name] = yoloq.lower(quantized[recipe.name]).eval()
         qm = quantized[recipe.name]
         path = workdir / f"{name}.onnx"
-        report = yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode)
+        report = yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode, dynamic_size=True)
         module = OnnxModel(path, args.threads, spinning=args.spinning).eval()
         check = check_onnx(path, lowered[recipe.name], qm, [x])
         variants.append(_onnx_variant(name, path, module, export=mode, int4_weights=report.int4_weights,
                                       vs_integer_graph_max=round(check.integer_distance, 4),
                                       vs_integer_graph_mean=float(f"{check.mean_distance:.3g}"),
                                       vs_integer_graph_differing=round(check.differing, 4)))
+        if name == SETS_ROW:
+            fixed = workdir / f"{name}-fixed.onnx"
+            yoloq.export_onnx(qm, fixed, imgsz=args.imgsz, pre_activation=mode)
+            fixed_module = OnnxModel(fixed, args.threads, spinning=args.spinning).eval()
+            variants.append(Variant(f"{name}-fixed", fixed_module, extra={"export": mode, "dynamic_size": False}))
     variants.append(Variant("torch-integer-graph-w8a8", lowered["w8a8"].graph_module))
     variants.append(Variant("torch-fake-quant-w8a8", quantized["w8a8"].graph_module.eval()))
     return variants, x
@@ -136,8 +144,9 @@ def map_from_calibration_set(args, model: torch.nn.Module, k: int, workdir: Path
     calib = batches[len(batches) * k // (k + 1):]
     qm = yoloq.quantize(model, recipe, calib=calib)
     path = workdir / f"{SETS_ROW}-set{k}.onnx"
-    yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode)
-    return round(yoloq.evaluate(OnnxModel(path, args.threads).eval(), args.data, imgsz=args.imgsz, rect=False).map50_95, 4)
+    yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode, dynamic_size=True)
+    return round(yoloq.evaluate(OnnxModel(path, args.threads).eval(), args.data, imgsz=args.imgsz,
+                                rect=not args.square).map50_95, 4)
 
 
 def time_variants(variants: list[Variant], x: torch.Tensor, runs: int, warmup: int) -> dict[str, float]:
@@ -169,6 +178,8 @@ def main() -> None:
                              "run in turn, and a spinning one steals the next one's cores)")
     parser.add_argument("--calib-sets", type=int, default=1,
                         help="score the fast W8A8 export from this many disjoint calibration sets (mean)")
+    parser.add_argument("--square", action="store_true",
+                        help="score on 640 x 640 letterboxes instead of YOLOv5 val's rectangles")
     parser.add_argument("--percentile", action="store_true",
                         help="also ORT's Percentile calibration (slow: ~10 GB, minutes)")
     args = parser.parse_args()
@@ -181,7 +192,7 @@ def main() -> None:
                    "ratio_fp32": round(ms[v.name] / ms["fp32"], 3),
                    "ratio_ort": round(ms[v.name] / ms["ort-static"], 3), **v.extra}
             if v.module is not None and not args.no_map:
-                metrics = yoloq.evaluate(v.module, args.data, imgsz=args.imgsz, rect=False)
+                metrics = yoloq.evaluate(v.module, args.data, imgsz=args.imgsz, rect=not args.square)
                 row.update(map50_95=round(metrics.map50_95, 4), map50=round(metrics.map50, 4))
                 if v.name == SETS_ROW and args.calib_sets > 1:
                     model = yoloq.models.load(args.weights).eval()

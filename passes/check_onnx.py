@@ -47,8 +47,8 @@ def onnx_session(path, threads: int = 1, optimized_path=None, spinning: bool = T
 
 class OnnxModel(nn.Module):
     """An exported file as a detector: forward(x) = ONNX Runtime's ``boxes`` output as a tensor, so
-    ``yoloq.evaluate(OnnxModel(path), data, imgsz=..., rect=False)`` scores it (square inputs: the
-    file's height and width are fixed)."""
+    ``yoloq.evaluate(OnnxModel(path), data, imgsz=...)`` scores it: on rectangular letterboxes when
+    the file was exported with ``dynamic_size``, else with ``rect=False`` (its H x W are fixed)."""
 
     def __init__(self, path, threads: int = 1, spinning: bool = True):
         super().__init__()

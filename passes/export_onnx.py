@@ -100,6 +100,7 @@ class ExportReport:
     float_tensors: tuple[str, ...]  # quantized tensors left float (16-bit ones below opset 21)
     head_outputs: tuple[str, ...]
     output: str  # the decoder's first output ("boxes")
+    dynamic_size: bool = False  # images' height and width free (else fixed at imgsz x imgsz)
 
 
 def _container(grid_min: int, grid_max: int, opset: int) -> tuple[torch.dtype | None, bool]:
@@ -405,11 +406,14 @@ def _qdq_conv(gm: fx.GraphModule, node: fx.Node, grids, opset: int, pre_activati
 
 
 def export_onnx(qm, path, imgsz: int = 640, opset: int = 21, pre_activation: str = "table",
-                batch: int = 1) -> ExportReport:
+                batch: int = 1, dynamic_size: bool = False) -> ExportReport:
     """Write ``qm`` (a calibrated ``QuantizedModel``) to ``path`` as QDQ ONNX, checked by
     ``onnx.checker``. Input ``images`` (batch x 3 x imgsz x imgsz, any batch; ``batch`` is the one
     traced); outputs ``head0..headN`` (dequantized raw head tensors) and ``boxes`` (the decoder's
-    first output)."""
+    first output). ``dynamic_size``: height and width are free too (any multiple of the largest
+    stride, e.g. the rectangular letterboxes of YOLOv5's val), with the head and box counts
+    following; the decoder's grids are then built from shapes in the graph, as in the float
+    model. The numbers in the file are the same either way."""
     from yoloq.passes.lower_to_integer import LoweredModel, _requires
 
     if isinstance(qm, LoweredModel):
@@ -426,13 +430,13 @@ def export_onnx(qm, path, imgsz: int = 640, opset: int = 21, pre_activation: str
     path = Path(path)
     x = torch.zeros(batch, 3, imgsz, imgsz)
     with torch.no_grad():
-        n_heads = len(module(x)) - 1
-    heads = tuple(f"head{i}" for i in range(n_heads))
+        head_ranks = [t.dim() for t in module(x)[:-1]]
+    heads = tuple(f"head{i}" for i in range(len(head_ranks)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and trace warnings
         torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
                           input_names=["images"], output_names=[*heads, "boxes"], do_constant_folding=True,
-                          dynamic_axes={name: {0: "batch"} for name in ("images", *heads, "boxes")},
+                          dynamic_axes=_dynamic_axes(heads, head_ranks, dynamic_size),
                           autograd_inlining=False)  # use our symbolics; inlining also broke the exporter
     model = onnx.load(str(path))
     int4 = _finish(model, opset)
@@ -440,7 +444,18 @@ def export_onnx(qm, path, imgsz: int = 640, opset: int = 21, pre_activation: str
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     counts = collections.Counter(n.op_type for n in model.graph.node)
-    return ExportReport(path, opset, imgsz, pre_activation, dict(counts), int4, held, left_float, heads, "boxes")
+    return ExportReport(path, opset, imgsz, pre_activation, dict(counts), int4, held, left_float, heads, "boxes",
+                        dynamic_size)
+
+
+def _dynamic_axes(heads: tuple[str, ...], ranks: list[int], dynamic_size: bool) -> dict[str, dict[int, str]]:
+    """Batch always free; with ``dynamic_size`` also the image's H x W, each N x C x H x W head's
+    grid and the box count."""
+    if not dynamic_size:
+        return {name: {0: "batch"} for name in ("images", *heads, "boxes")}
+    grids = {head: {0: "batch", 2: f"{head}_height", 3: f"{head}_width"} if rank == 4 else {0: "batch"}
+             for head, rank in zip(heads, ranks)}
+    return {"images": {0: "batch", 2: "height", 3: "width"}, **grids, "boxes": {0: "batch", 1: "boxes"}}
 
 
 def _finish(model: onnx.ModelProto, opset: int) -> int:

@@ -201,6 +201,25 @@ def test_8bit_pre_activations_fuse_into_qlinearconv_and_are_exact(tmp_path):
     assert check.head_steps <= 1 and check.differing < 0.01, check.verdict
 
 
+def test_dynamic_size_runs_rectangles_like_the_integer_graph(tmp_path):
+    """``dynamic_size``: the same numbers at any H x W. A 64 x 96 letterbox (traced at 64 x 64) gives
+    the integer graph's heads and boxes; the fixed-size file refuses it."""
+    u8 = QuantSpec(bits=8, signed=False, symmetric=False)
+    qm = _quantized(dataclasses.replace(load_recipe("w8a8"), pre_activation=u8, overrides=()))
+    path, report = _export(qm, tmp_path, dynamic_size=True)
+    assert report.dynamic_size
+    rect = torch.rand(1, 3, IMGSZ, IMGSZ * 3 // 2, generator=torch.Generator().manual_seed(1))
+    check = check_onnx(path, yoloq.lower(qm), qm, [rect])
+    with torch.no_grad():
+        decoded = qm(rect)[0]
+    assert check.boxes_shape == tuple(decoded.shape)
+    assert decoded.numel() == qm(_calib()[0][:1])[0].numel() * 3 // 2  # 1.5x the square's cells
+    assert check.head_steps <= 1 and check.differing < 0.01, check.verdict
+    fixed, _ = _export(qm, tmp_path, name="fixed.onnx")
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        onnx_session(fixed, 1).run(None, {"images": rect.numpy()})
+
+
 def test_4bit_weights_are_int4_at_opset_21_and_int8_below(tmp_path):
     qm = _quantized("w4a8")
     lowered = yoloq.lower(qm)
@@ -271,6 +290,10 @@ def test_cli_lower_and_export(toy_dataset, tmp_path, capsys):
     assert "onnx.checker passed" in out and "ONNX Runtime vs integer graph: heads max |Δ|" in out
     assert "boxes [2, 8, 80]" in out  # --check 2 images in one batch; the file's batch is free
     onnx_session(tmp_path / "model.onnx")
+    assert main(["export", *common, "-o", str(tmp_path / "free.onnx"), "--dynamic-size"]) == 0
+    capsys.readouterr()
+    free = onnx.load(str(tmp_path / "free.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in free] == ["batch", 3, "height", "width"]
 
 
 # ----------------------------------------------------------------------------- whole model

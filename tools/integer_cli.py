@@ -39,6 +39,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              "(exact), as int16 QDQ + float activation, as a float activation, or (8-bit "
                              "pre-activations) as the QLinear kernels ONNX Runtime fuses (fastest, near)")
     parser.add_argument("--check", type=int, default=2, help="calibration images ONNX Runtime is checked on")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="free input height and width (any multiple of the largest stride), not imgsz x imgsz")
     return parser
 
 
@@ -90,7 +92,8 @@ def main_export(args: argparse.Namespace) -> int:
     from yoloq.passes.lower_to_integer import lower
 
     qm, batches = _quantized(args)
-    report = export_onnx(qm, args.output, imgsz=args.imgsz, opset=args.opset, pre_activation=args.pre_activation)
+    report = export_onnx(qm, args.output, imgsz=args.imgsz, opset=args.opset, pre_activation=args.pre_activation,
+                         dynamic_size=args.dynamic_size)
     counts = report.op_counts
     print(f"wrote {report.path}: opset {report.opset}, {counts.get('QuantizeLinear', 0)} QuantizeLinear, "
           f"{counts.get('DequantizeLinear', 0)} DequantizeLinear, {counts.get('Conv', 0)} Conv, "
