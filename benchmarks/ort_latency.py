@@ -76,7 +76,7 @@ class Variant:
 def _exports() -> dict[str, tuple[object, str]]:
     """Row name -> (recipe, ``export_onnx``'s pre_activation mode)."""
     w8a8, w4a8 = load_recipe("w8a8"), load_recipe("w4a8")
-    w8a8_u8 = dataclasses.replace(w8a8, name="w8a8-u8pre", pre_activation=U8)
+    w8a8_u8 = load_recipe("w8a8-ort")  # w8a8 with 8-bit unsigned pre-activations
     return {"yoloq-w8a8": (w8a8, "table"),
             "yoloq-w8a8-u8pre-table": (w8a8_u8, "table"),
             "yoloq-w8a8-u8pre": (w8a8_u8, "qlinear"),

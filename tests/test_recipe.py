@@ -1,6 +1,7 @@
 """Recipe: presets, dict/YAML round trips, override resolution, and errors that name the field."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -40,7 +41,14 @@ def _raises(match: str, fn, *args, **kwargs) -> RecipeError:
 # ---- presets and round trips -----------------------------------------------------------------
 
 def test_presets_are_the_shipped_set():
-    assert set(PRESETS) == {"w8a8", "w4a8", "w4a4", "w3a3", "w4a4-all", "w4a4-nonuniform"}
+    assert set(PRESETS) == {"w8a8", "w8a8-ort", "w4a8", "w4a4", "w3a3", "w4a4-all", "w4a4-nonuniform"}
+
+
+def test_w8a8_ort_is_w8a8_with_8bit_unsigned_pre_activations():
+    ort, w8a8 = Recipe.preset("w8a8-ort"), Recipe.preset("w8a8")
+    pre = ort.pre_activation
+    assert (pre.bits, pre.signed, pre.symmetric) == (8, False, False)
+    assert dataclasses.replace(ort, name="w8a8", pre_activation=w8a8.pre_activation) == w8a8
 
 
 @pytest.mark.parametrize("name", PRESETS)
