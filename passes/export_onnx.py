@@ -443,9 +443,32 @@ def export_onnx(qm, path, imgsz: int = 640, opset: int = 21, pre_activation: str
     held = sum(isinstance(m, QDQConv) and m.bits < 8 and m.codes_name != INT4_MARK for m in module.modules())
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
+    if dynamic_size:
+        _check_free_size(module, path, batch, imgsz)
     counts = collections.Counter(n.op_type for n in model.graph.node)
     return ExportReport(path, opset, imgsz, pre_activation, dict(counts), int4, held, left_float, heads, "boxes",
                         dynamic_size)
+
+
+FREE_SIZE_PROBE = 64  # extra width the free-size check runs at: a multiple of every YOLO stride (8-64)
+
+
+def _check_free_size(module: nn.Module, path: Path, batch: int, imgsz: int) -> None:
+    """Run the written file at imgsz x (imgsz + 64), a size it was not traced at: a decoder that
+    turned a shape into a constant while tracing gives the wrong number of boxes there, or fails."""
+    from yoloq.passes.check_onnx import onnx_session
+
+    x = torch.zeros(batch, 3, imgsz, imgsz + FREE_SIZE_PROBE)
+    with torch.no_grad():
+        want = tuple(module(x)[-1].shape)
+    try:
+        got = onnx_session(path).run(["boxes"], {"images": x.numpy()})[0].shape
+    except Exception as exc:  # ORT's shape errors have no common type
+        raise ExportError(f"dynamic_size: {path} fails at {imgsz}x{imgsz + FREE_SIZE_PROBE} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); export at a fixed size") from None
+    if tuple(got) != want:
+        raise ExportError(f"dynamic_size: {path} gives boxes {list(got)} at {imgsz}x{imgsz + FREE_SIZE_PROBE} where "
+                          f"the model gives {list(want)}: its decoder fixed a size while tracing; export at a fixed size")
 
 
 def _dynamic_axes(heads: tuple[str, ...], ranks: list[int], dynamic_size: bool) -> dict[str, dict[int, str]]:

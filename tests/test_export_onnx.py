@@ -220,6 +220,28 @@ def test_dynamic_size_runs_rectangles_like_the_integer_graph(tmp_path):
         onnx_session(fixed, 1).run(None, {"images": rect.numpy()})
 
 
+class _SizeFixingDecoder(torch.nn.Module):
+    """A decoder that reads its box count as a Python int: the tracer writes it into the file."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, heads):
+        out = self.decoder(heads)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return first[..., : int(first.shape[-1])]
+
+
+def test_dynamic_size_refuses_a_decoder_that_fixes_its_size(tmp_path):
+    qm = _quantized()
+    qm.decoder = _SizeFixingDecoder(qm.decoder)
+    with pytest.raises(ExportError, match=r"dynamic_size: .* gives boxes \[2, 8, 80\] at 64x128 where the model "
+                                          r"gives \[2, 8, 160\]: its decoder fixed a size"):
+        _export(qm, tmp_path, dynamic_size=True)
+    _export(qm, tmp_path, name="fixed.onnx")  # at a fixed size it is a faithful export
+
+
 def test_4bit_weights_are_int4_at_opset_21_and_int8_below(tmp_path):
     qm = _quantized("w4a8")
     lowered = yoloq.lower(qm)
