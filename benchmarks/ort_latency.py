@@ -58,11 +58,9 @@ import peers  # noqa: E402  (benchmarks/peers.py: the float export and ORT's qua
 import yoloq  # noqa: E402
 from yoloq.passes.check_onnx import OnnxModel, check_onnx, fused_convs, optimized_ops  # noqa: E402
 from yoloq.quantize import calibration_batches  # noqa: E402
-from yoloq.quantizers.spec import QuantSpec  # noqa: E402
 from yoloq.recipe import load_recipe  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-U8 = QuantSpec(bits=8, signed=False, symmetric=False)
 
 
 @dataclasses.dataclass
@@ -77,10 +75,11 @@ def _exports() -> dict[str, tuple[object, str]]:
     """Row name -> (recipe, ``export_onnx``'s pre_activation mode)."""
     w8a8, w4a8 = load_recipe("w8a8"), load_recipe("w4a8")
     w8a8_u8 = load_recipe("w8a8-ort")  # w8a8 with 8-bit unsigned pre-activations
+    w4a8_u8 = dataclasses.replace(w4a8, name="w4a8-u8pre", pre_activation=w8a8_u8.pre_activation)
     return {"yoloq-w8a8": (w8a8, "table"),
             "yoloq-w8a8-u8pre-table": (w8a8_u8, "table"),
             "yoloq-w8a8-u8pre": (w8a8_u8, "qlinear"),
-            "yoloq-w4a8-u8pre": (dataclasses.replace(w4a8, name="w4a8-u8pre", pre_activation=U8), "qlinear")}
+            "yoloq-w4a8-u8pre": (w4a8_u8, "qlinear")}
 
 
 def _onnx_variant(name: str, path: Path, module: torch.nn.Module, **extra) -> Variant:
@@ -145,8 +144,12 @@ def map_from_calibration_set(args, model: torch.nn.Module, k: int, workdir: Path
     qm = yoloq.quantize(model, recipe, calib=calib)
     path = workdir / f"{SETS_ROW}-set{k}.onnx"
     yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode, dynamic_size=True)
-    return round(yoloq.evaluate(OnnxModel(path, args.threads).eval(), args.data, imgsz=args.imgsz,
-                                rect=not args.square).map50_95, 4)
+    return round(score(args, OnnxModel(path, args.threads).eval()).map50_95, 4)
+
+
+def score(args, module: torch.nn.Module):
+    """COCO metrics of ``module``: rectangular letterboxes as YOLOv5's val, or squares with ``--square``."""
+    return yoloq.evaluate(module, args.data, imgsz=args.imgsz, rect=not args.square)
 
 
 def time_variants(variants: list[Variant], x: torch.Tensor, runs: int, warmup: int) -> dict[str, float]:
@@ -192,7 +195,7 @@ def main() -> None:
                    "ratio_fp32": round(ms[v.name] / ms["fp32"], 3),
                    "ratio_ort": round(ms[v.name] / ms["ort-static"], 3), **v.extra}
             if v.module is not None and not args.no_map:
-                metrics = yoloq.evaluate(v.module, args.data, imgsz=args.imgsz, rect=not args.square)
+                metrics = score(args, v.module)
                 row.update(map50_95=round(metrics.map50_95, 4), map50=round(metrics.map50, 4))
                 if v.name == SETS_ROW and args.calib_sets > 1:
                     model = yoloq.models.load(args.weights).eval()

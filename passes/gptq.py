@@ -119,10 +119,9 @@ def _round_layer(layer: QuantizedLayer, hessians: torch.Tensor) -> float:
     scale = quant._scale().detach().expand(weight.shape).reshape(channels, -1)[:, :1]
     zero = (quant.zero_point.detach().expand(weight.shape).reshape(channels, -1)[:, :1]
             if not quant.spec.symmetric else torch.zeros_like(scale))
-    per_group = channels // groups
-    codes = torch.cat([gptq_codes(flat[g * per_group:(g + 1) * per_group], scale[g * per_group:(g + 1) * per_group],
-                                  zero[g * per_group:(g + 1) * per_group], quant.spec.qmin, quant.spec.qmax,
-                                  hessians[g]) for g in range(groups)]).to(flat.dtype)
+    rows = [t.split(channels // groups) for t in (flat, scale, zero)]  # each conv group's output channels
+    codes = torch.cat([gptq_codes(w, s, z, quant.spec.qmin, quant.spec.qmax, h)
+                       for w, s, z, h in zip(*rows, hessians)]).to(flat.dtype)
     nearest = torch.clamp(torch.round(flat / scale) + zero, quant.spec.qmin, quant.spec.qmax)
     low, high = (codes - zero - ROUNDING_MARGIN) * scale, (codes - zero + ROUNDING_MARGIN) * scale
     moved = torch.where(codes == nearest, flat, torch.minimum(torch.maximum(flat, low), high))

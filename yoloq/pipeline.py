@@ -126,10 +126,11 @@ def build_pipeline(stage: str = "fused", recipe: Any = None, calib: Sequence[Any
             steps.append(("quantized", qat_batchnorm(recipe.qat_batchnorm)))
     if calib is not None:
         steps.append(("calibrated", calibrate(calib)))
-        if recipe is not None and recipe.tighten_pre_activation and not qat:
+        ptq = recipe is not None and not qat  # QAT learns its weights and biases; its grids move
+        if ptq and recipe.tighten_pre_activation:
             steps.append(("calibrated", tighten_pre_activation))
-        if recipe is not None and recipe.weight_rounding == "gptq" and not qat:
+        if ptq and recipe.weight_rounding == "gptq":
             steps.append(("calibrated", gptq(calib)))  # it minimises the mean error too: no bias correction
-        elif recipe is not None and recipe.bias_correction and not qat:
+        elif ptq and recipe.bias_correction:
             steps.append(("calibrated", bias_correction(calib)))
     return tuple(p for step, p in steps if order.index(step) <= order.index(stage))
