@@ -27,6 +27,9 @@ quantized, exported and scored from N disjoint 32-image calibration sets (train 
 ...): ``map50_95_sets`` lists them and ``map50_95_mean`` is their mean. A 128-image mAP moves by a few
 tenths of a point under perturbations far below a quantization step, so one calibration set
 cannot resolve a 0.3-point target; the mean over four can, to about a tenth.
+``vs_fp32_points`` / ``vs_fp32_interval``: the row's mAP50-95 minus FP32's in points, with its 95%
+paired bootstrap interval over the 128 images (``yoloq.map_difference``, 1000 resamples): how much
+of a difference this evaluation set can tell from none.
 ``yoloq-w8a8-u8pre-fixed`` (timed only) is the fast row's model exported at a fixed 640 x 640: what
 a free input size costs ORT. Plus, for the record, the integer GraphModule (``yoloq.lower``) and
 the fake-quant graph in torch.
@@ -190,6 +193,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="yoloq-ort-latency-") as tmp:
         variants, x = build(args, Path(tmp))
         ms = time_variants(variants, x, args.runs, args.warmup)
+        fp32_metrics = None
         for v in variants:
             row = {"row": v.name, "median_ms": round(ms[v.name], 2),
                    "ratio_fp32": round(ms[v.name] / ms["fp32"], 3),
@@ -197,6 +201,11 @@ def main() -> None:
             if v.module is not None and not args.no_map:
                 metrics = score(args, v.module)
                 row.update(map50_95=round(metrics.map50_95, 4), map50=round(metrics.map50, 4))
+                if fp32_metrics is None:
+                    fp32_metrics = metrics  # the first row is FP32's
+                else:
+                    diff = yoloq.map_difference(fp32_metrics, metrics)
+                    row.update(vs_fp32_points=round(diff.delta, 2), vs_fp32_interval=[round(diff.low, 2), round(diff.high, 2)])
                 if v.name == SETS_ROW and args.calib_sets > 1:
                     model = yoloq.models.load(args.weights).eval()
                     sets = [row["map50_95"]] + [map_from_calibration_set(args, model, k, Path(tmp))

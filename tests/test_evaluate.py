@@ -152,6 +152,7 @@ def test_yolov5n_coco128_matches_official_val(shared_data, tmp_path, batch):
     official_map, official_map50 = OFFICIAL[batch]
     assert metrics.map50_95 == pytest.approx(official_map, abs=0.01)
     assert metrics.map50 == pytest.approx(official_map50, abs=0.01)
+    assert metrics.matches.map50_95() == pytest.approx(metrics.map50_95, abs=1e-12)  # bootstrap's re-derivation
     if batch == 1:  # official P 0.603, R 0.505
         assert metrics.precision == pytest.approx(0.603, abs=0.02)
         assert metrics.recall == pytest.approx(0.505, abs=0.02)

@@ -345,3 +345,19 @@ def test_yolov5n_w8a8_in_onnx_runtime(shared_data, tmp_path):
     print(f"mAP50-95 on 8 images: ONNX Runtime {scores[0].map50_95:.4f}, integer graph {scores[1].map50_95:.4f}")
     assert abs(scores[0].map50_95 - scores[1].map50_95) <= 0.02
     assert check.boxes_shape == tuple(decoded.shape)
+
+
+def test_eval_loads_exported_and_saved_files(tmp_path):
+    from yoloq.tools.evaluate import load_for_eval
+
+    qm = _quantized("w8a8-ort")
+    path, _ = _export(qm, tmp_path, pre_activation="qlinear")
+    yoloq.save(qm, tmp_path / "model.yq")
+    x = _calib(1)[0]
+    onnx_model = load_for_eval(str(path))
+    assert isinstance(onnx_model, OnnxModel)
+    assert torch.equal(onnx_model(x), OnnxModel(path)(x))
+    with torch.no_grad():
+        assert torch.equal(load_for_eval(str(tmp_path / "model.yq"))(x)[0], qm(x)[0])
+    with pytest.raises(FileNotFoundError, match="missing.onnx does not exist"):
+        load_for_eval(str(tmp_path / "missing.onnx"))

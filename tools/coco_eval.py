@@ -15,12 +15,13 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from yoloq.tools.bootstrap import MatchTable
 from yoloq.tools.data import YoloDataset
 from yoloq.tools.mask_eval import polygon_annotation
 from yoloq.tools.nms import box_iou, xywh_to_xyxy
@@ -33,6 +34,8 @@ class Metrics:
     """Detection accuracy; ``per_class`` maps each class present in the labels to its box AP50-95.
 
     The mask mAPs are those of a segmentation model on polygon labels, None otherwise.
+    ``matches`` holds pycocotools' per-image box matches, which ``bootstrap.map_difference``
+    resamples (None when there were no detections).
     """
 
     map50_95: float
@@ -42,6 +45,7 @@ class Metrics:
     per_class: dict[str, float]
     mask_map50_95: float | None = None
     mask_map50: float | None = None
+    matches: MatchTable | None = field(default=None, compare=False, repr=False)
 
 
 def default_cache_dir() -> Path:
@@ -215,16 +219,17 @@ class CocoEvaluator:
             return Metrics(0.0, 0.0, precision, recall, self._present_classes(None), mask, mask)
         boxes = [{"image_id": int(r[0]), "bbox": r[1:5].tolist(), "score": float(r[5]),
                   "category_id": int(r[6])} for r in rows]
-        stats, per_class_precision = self._coco_eval(boxes, "bbox")
+        stats, per_class_precision, matches = self._coco_eval(boxes, "bbox")
         mask_map50_95 = mask_map50 = None
         if with_masks:
             mask_map50_95, mask_map50 = (self._coco_eval(self._mask_results, "segm")[0][:2]
                                          if self._mask_results else (0.0, 0.0))
         return Metrics(stats[0], stats[1], precision, recall, self._present_classes(per_class_precision),
-                       mask_map50_95, mask_map50)
+                       mask_map50_95, mask_map50, matches)
 
-    def _coco_eval(self, results: list[dict], iou_type: str) -> tuple[list[float], np.ndarray]:
-        """pycocotools' (mAP50-95, mAP50, ...) and (T, R, K) precision at area all, 100 detections."""
+    def _coco_eval(self, results: list[dict], iou_type: str) -> tuple[list[float], np.ndarray, MatchTable]:
+        """pycocotools' (mAP50-95, mAP50, ...), (T, R, K) precision at area all, 100 detections,
+        and its per-image matches."""
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
         with contextlib.redirect_stdout(io.StringIO()):
@@ -233,7 +238,8 @@ class CocoEvaluator:
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-        return [float(v) for v in coco_eval.stats], coco_eval.eval["precision"][:, :, :, 0, -1]
+        return ([float(v) for v in coco_eval.stats], coco_eval.eval["precision"][:, :, :, 0, -1],
+                MatchTable.from_cocoeval(coco_eval))
 
     def _present_classes(self, precision: np.ndarray | None) -> dict[str, float]:
         present = np.unique(np.concatenate(self._target_cls)).astype(int)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from yoloq.tools.bootstrap import map_difference
 from yoloq.tools.coco_eval import CocoEvaluator, Metrics
 from yoloq.tools.data import YoloDataset, labels_are_polygons
 from yoloq.tools.mask_eval import mask_encodings
@@ -108,7 +109,8 @@ def format_metrics(metrics: Metrics) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``yoloq eval``."""
-    parser.add_argument("--model", required=True, help="checkpoint (.pt), zoo name or ultralytics YAML to evaluate")
+    parser.add_argument("--model", required=True, help="checkpoint (.pt), zoo name, ultralytics YAML, a file of "
+                                                        "yoloq.save, or an exported .onnx (fixed size: add --square)")
     parser.add_argument("--data", required=True, help="data.yaml of a YOLO-format dataset")
     parser.add_argument("--imgsz", type=int, default=640, help="inference size (pixels)")
     parser.add_argument("--batch", type=int, default=1, help="images per batch")
@@ -116,15 +118,40 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate the first N only")
     parser.add_argument("--square", action="store_true", help="pad to imgsz x imgsz, not rect")
+    parser.add_argument("--baseline", default=None,
+                        help="a second model: also print --model's mAP50-95 minus this one's, with a "
+                             "paired bootstrap interval over the images")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for --baseline")
     return parser
 
 
-def main_eval(args: argparse.Namespace) -> int:
-    """``yoloq eval``: print the results table of a model on a dataset."""
+def load_for_eval(spec: str) -> nn.Module:
+    """What ``yoloq eval`` scores: an exported ``.onnx`` file (ONNX Runtime), a file of
+    ``yoloq.save``, or any model ``yoloq.sources.load_model`` builds from ``spec``."""
+    if spec.endswith(".onnx"):
+        from yoloq.passes.check_onnx import OnnxModel
+
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"ONNX file {spec} does not exist")
+        return OnnxModel(spec, threads=torch.get_num_threads()).eval()
+    from yoloq.storage import is_saved_model, load_quantized
+
+    if is_saved_model(spec):
+        return load_quantized(spec)
     from yoloq.sources import load_model  # the model zoo is only needed by this verb
 
-    model = load_model(args.model)
-    metrics = evaluate(model, args.data, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
-                       iou=args.iou, max_images=args.max_images, rect=not args.square)
+    return load_model(spec)
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    """``yoloq eval``: print the results table of a model on a dataset, and with ``--baseline``
+    the difference to a second model with its bootstrap interval."""
+    def run(name: str) -> Metrics:
+        return evaluate(load_for_eval(name), args.data, imgsz=args.imgsz, batch=args.batch, conf=args.conf,
+                        iou=args.iou, max_images=args.max_images, rect=not args.square)
+
+    metrics = run(args.model)
     print(format_metrics(metrics))
+    if args.baseline is not None:
+        print(f"vs baseline {args.baseline}: {map_difference(run(args.baseline), metrics, args.resamples)}")
     return 0

@@ -19,6 +19,7 @@ __all__ = [
 from yoloq import models  # noqa: E402  (yoloq.models.build, .load, tiny models)
 from yoloq.tools.coco_eval import Metrics  # noqa: E402
 from yoloq.tools.evaluate import evaluate  # noqa: E402
+from yoloq.tools.bootstrap import MapDifference, map_difference  # noqa: E402
 
 from yoloq.quantize import QuantizedModel, prepare_qat, quantize  # noqa: E402
 from yoloq.recipe import Override, Recipe, RecipeError, load_recipe  # noqa: E402
@@ -28,7 +29,7 @@ from yoloq.tools.qat import QATConfig, train_qat  # noqa: E402
 from yoloq.tools.qat_hook import QATHook, TrainingDiverged  # noqa: E402
 from yoloq.passes.correct import correct  # noqa: E402
 
-__all__ += ["Metrics", "evaluate", "models", "QuantizedModel", "quantize", "Override", "Recipe", "RecipeError",
+__all__ += ["Metrics", "evaluate", "MapDifference", "map_difference", "models", "QuantizedModel", "quantize", "Override", "Recipe", "RecipeError",
             "load_recipe", "QuantSpec", "load_quantized", "save", "prepare_qat", "QATConfig", "train_qat",
             "QATHook", "TrainingDiverged", "correct"]
 

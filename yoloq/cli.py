@@ -75,12 +75,10 @@ def _qat(args: argparse.Namespace) -> int:
 
 def _load_trained(path: str):
     """A model written by ``yoloq.save`` (an xz stream), or the model of a QAT checkpoint (last.pt)."""
-    from yoloq.storage import load_quantized
+    from yoloq.storage import is_saved_model, load_quantized
     from yoloq.tools.qat import load_checkpoint
 
-    with open(path, "rb") as f:
-        xz = f.read(6) == b"\xfd7zXZ\x00"
-    return load_quantized(path) if xz else load_checkpoint(path)["model"]
+    return load_quantized(path) if is_saved_model(path) else load_checkpoint(path)["model"]
 
 
 def _correct(args: argparse.Namespace) -> int:

@@ -81,6 +81,17 @@ def save(qm: nn.Module, path: str | os.PathLike) -> SavedSize:
     return SavedSize(len(data), float_state_bytes(qm), len(packed))
 
 
+XZ_MAGIC = b"\xfd7zXZ\x00"  # the payload is one LZMA (xz) stream
+
+
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that starts as ``save`` writes them (an xz stream)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(XZ_MAGIC)) == XZ_MAGIC
+
+
 def load_quantized(path: str | os.PathLike) -> nn.Module:
     """The model ``save`` wrote, with its weights dequantized from the packed codes."""
     path = os.fspath(path)
