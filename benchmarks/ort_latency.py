@@ -29,7 +29,7 @@ tenths of a point under perturbations far below a quantization step, so one cali
 cannot resolve a 0.3-point target; the mean over four can, to about a tenth.
 ``vs_fp32_points`` / ``vs_fp32_interval``: the row's mAP50-95 minus FP32's in points, with its 95%
 paired bootstrap interval over the 128 images (``yoloq.map_difference``, 1000 resamples): how much
-of a difference this evaluation set can tell from none.
+of a difference this evaluation set can tell from none; ``vs_ort_*`` the same against ORT's INT8.
 ``yoloq-w8a8-u8pre-fixed`` (timed only) is the fast row's model exported at a fixed 640 x 640: what
 a free input size costs ORT. Plus, for the record, the integer GraphModule (``yoloq.lower``) and
 the fake-quant graph in torch.
@@ -193,7 +193,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="yoloq-ort-latency-") as tmp:
         variants, x = build(args, Path(tmp))
         ms = time_variants(variants, x, args.runs, args.warmup)
-        fp32_metrics = None
+        baselines = {}  # FP32's and ORT INT8's metrics, which later rows are compared with
         for v in variants:
             row = {"row": v.name, "median_ms": round(ms[v.name], 2),
                    "ratio_fp32": round(ms[v.name] / ms["fp32"], 3),
@@ -201,11 +201,12 @@ def main() -> None:
             if v.module is not None and not args.no_map:
                 metrics = score(args, v.module)
                 row.update(map50_95=round(metrics.map50_95, 4), map50=round(metrics.map50, 4))
-                if fp32_metrics is None:
-                    fp32_metrics = metrics  # the first row is FP32's
-                else:
-                    diff = yoloq.map_difference(fp32_metrics, metrics)
-                    row.update(vs_fp32_points=round(diff.delta, 2), vs_fp32_interval=[round(diff.low, 2), round(diff.high, 2)])
+                baselines.setdefault(v.name, metrics)
+                for key, name in (("vs_fp32", "fp32"), ("vs_ort", "ort-static")):
+                    if name in baselines and name != v.name:
+                        diff = yoloq.map_difference(baselines[name], metrics)
+                        row[f"{key}_points"] = round(diff.delta, 2)
+                        row[f"{key}_interval"] = [round(diff.low, 2), round(diff.high, 2)]
                 if v.name == SETS_ROW and args.calib_sets > 1:
                     model = yoloq.models.load(args.weights).eval()
                     sets = [row["map50_95"]] + [map_from_calibration_set(args, model, k, Path(tmp))

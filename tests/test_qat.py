@@ -288,3 +288,25 @@ def test_ema_dampening_and_freezing_in_the_loop(toy_dataset, tmp_path):
 def test_bad_freeze_thresholds_are_refused():
     with pytest.raises(QATError, match="freeze_from/freeze_to"):
         QATConfig(freeze_from=0.01, freeze_to=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; the device machine does)")
+def test_training_on_a_gpu(toy_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 sums on both sides
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    config = dataclasses_replace(CONFIG, max_steps=3, augment=False)
+    on_cpu, on_gpu = prepared(toy_dataset, "w8a8"), prepared(toy_dataset, "w8a8")
+    start = state_of(on_gpu)
+    cpu = train_qat(on_cpu, toy_dataset, config, progress=False)
+    gpu = train_qat(on_gpu, toy_dataset, config, progress=False, device="cuda")
+    assert all(p.is_cuda for p in on_gpu.parameters())
+    assert any(not torch.equal(v.cpu(), start[k]) for k, v in state_of(on_gpu).items())  # it trained
+    # The first step: the same batch through the same weights; only the order of float sums
+    # differs (cuDNN's), which can move a code at a rounding tie.
+    assert gpu.losses[0] == pytest.approx(cpu.losses[0], rel=1e-2)
+    yoloq.save(on_gpu, tmp_path / "gpu.yq")  # written as CPU tensors, loadable without a GPU
+    loaded = yoloq.load_quantized(tmp_path / "gpu.yq")
+    assert not any(t.is_cuda for t in loaded.state_dict().values())
+    x = calib_batches(toy_dataset)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x)[0], copy.deepcopy(on_gpu).cpu().eval()(x)[0])

@@ -27,6 +27,7 @@ class CategoryMatches:
     """One category's detections over all images, sorted by score (descending, stable)."""
 
     image: np.ndarray  # (D,) image index of each detection
+    score: np.ndarray  # (D,) its confidence, descending
     true_positive: np.ndarray  # (T, D) 1.0 where matched to a label at IoU threshold t
     false_positive: np.ndarray  # (T, D) 1.0 where unmatched (matches to ignored labels: neither)
     labels: np.ndarray  # (I,) labels that count, per image
@@ -65,11 +66,12 @@ class MatchTable:
                 score = np.concatenate(scores)
                 order = np.argsort(-score, kind="mergesort")
                 hit, counted = np.concatenate(matched, 1)[:, order], ~np.concatenate(ignored, 1)[:, order]
-                categories.append(CategoryMatches(np.concatenate(image)[order], (hit & counted).astype(float),
-                                                  (~hit & counted).astype(float), labels))
+                categories.append(CategoryMatches(np.concatenate(image)[order], score[order],
+                                                  (hit & counted).astype(float), (~hit & counted).astype(float),
+                                                  labels))
             else:
                 empty = np.zeros((thresholds, 0))
-                categories.append(CategoryMatches(np.zeros(0, np.int64), empty, empty, labels))
+                categories.append(CategoryMatches(np.zeros(0, np.int64), np.zeros(0), empty, empty, labels))
         return cls(image_ids, tuple(categories), thresholds)
 
     def map50_95(self, counts: np.ndarray | None = None) -> float:

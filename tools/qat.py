@@ -211,12 +211,15 @@ def load_checkpoint(path: str | os.PathLike, recipe=None) -> dict:
 # ------------------------------------------------------------------------------------- the loop
 def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfig = QATConfig(), *,
               out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-              recipe=None, loss: nn.Module | None = None, progress: bool = True) -> QATResult:
+              recipe=None, loss: nn.Module | None = None, progress: bool = True,
+              device: str | torch.device | None = None) -> QATResult:
     """Train ``model`` (a ``QuantizedModel`` from ``prepare_qat``) on ``data``'s train split.
 
     ``resume``: a checkpoint to continue (then ``model`` may be None; ``recipe``, when given, must
     match the checkpoint's). ``loss``: ``loss(raw_outputs, targets, masks) -> (total, parts)``;
-    by default the head's own (``model.head.make_loss``)."""
+    by default the head's own (``model.head.make_loss``). ``device``: move the model there first
+    ("cuda" is each process's own GPU under torchrun); None trains where the model is. Batches
+    follow the model."""
     state = None
     if resume is not None:
         state = load_checkpoint(resume, recipe)
@@ -226,8 +229,10 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
         model = state["model"]
     if model is None:
         raise QATError("train_qat needs a model (from yoloq.prepare_qat) or a checkpoint to resume")
-    network = network_of(model)
     rank, world = distributed()
+    if device is not None:
+        model.to(_process_device(device, world))
+    network = network_of(model)
     criterion = loss if loss is not None else _default_loss(model, config.imgsz)
     polygons = labels_are_polygons(data, "train")
     needs_masks = _needs_masks(model)
@@ -268,6 +273,9 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     bar = tqdm(total=total, initial=step, desc="qat", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     start_time = time.perf_counter()
+    device = next(network.parameters()).device  # batches follow the model (model.to("cuda") trains on the GPU)
+    if loss is None:
+        criterion.to(device)  # the head's loss holds its strides and anchors as buffers
     network.train()
     if config.freeze_bn:
         for m in network.modules():
@@ -281,6 +289,7 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                 if step >= total:
                     break
                 masks = _masks(criterion, segments, targets, images) if needs_masks else None
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 outputs = trainable(images)
                 total_loss, parts = criterion(outputs, targets, masks) if masks is not None \
                     else criterion(outputs, targets)
@@ -342,6 +351,13 @@ def _needs_masks(model: nn.Module) -> bool:
     return bool(head is not None and head.segmentation)
 
 
+def _process_device(device: str | torch.device, world: int) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def _masks(criterion, segments, targets, images):
     if segments is None:
         return None
@@ -382,6 +398,8 @@ def add_qat_arguments(parser) -> None:
     parser.add_argument("--freeze", type=float, nargs=2, metavar=("FROM", "TO"), default=None,
                         help="freeze weights oscillating above a threshold annealed FROM -> TO (e.g. 0.04 0.01)")
 
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1 (under torchrun, "
+                                                        "cuda is each process's LOCAL_RANK GPU)")
     parser.add_argument("--out", default="runs/qat", help="directory for last.pt and the trained model")
     parser.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     parser.add_argument("--eval", action="store_true", help="evaluate mAP before and after training")
@@ -412,7 +430,8 @@ def main_qat(args) -> int:
         if args.eval and rank == 0:
             before = evaluate(model, args.data, imgsz=args.imgsz)
             print(f"before QAT: mAP50-95 {before.map50_95:.4f}  mAP50 {before.map50:.4f}")
-    result = train_qat(model, args.data, config, out_dir=args.out, resume=args.resume, recipe=args.recipe)
+    result = train_qat(model, args.data, config, out_dir=args.out, resume=args.resume, recipe=args.recipe,
+                       device=args.device)
     if rank == 0:
         final = Path(args.out) / "model.yoloq"
         size = save(result.model, final)

@@ -66,8 +66,9 @@ def _pack_layer(layer: QuantizedLayer) -> dict:
 
 
 def save(qm: nn.Module, path: str | os.PathLike) -> SavedSize:
-    """Write ``qm`` (a QuantizedModel after calibration or QAT) to ``path``; returns the sizes."""
-    skeleton = copy.deepcopy(qm)
+    """Write ``qm`` (a QuantizedModel after calibration or QAT) to ``path``; returns the sizes.
+    The file holds CPU tensors wherever ``qm`` lives (a model trained on a GPU loads anywhere)."""
+    skeleton = copy.deepcopy(qm).cpu()
     packed = {}
     for name, layer in _quantized_layers(skeleton):
         layer.fold_simulated_bn_()  # the weight the quantizer saw becomes the stored one
@@ -98,7 +99,7 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     try:
         with open(path, "rb") as f:
             raw = lzma.decompress(f.read())
-        payload = torch.load(io.BytesIO(raw), weights_only=False)
+        payload = torch.load(io.BytesIO(raw), weights_only=False, map_location="cpu")
     except (lzma.LZMAError, EOFError, RuntimeError) as exc:
         raise ValueError(f"{path}: not a yoloq quantized model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
