@@ -26,7 +26,8 @@ row's and by ORT's own INT8 row's, all timed in the same rounds):
 quantized, exported and scored from N disjoint 32-image calibration sets (train images 0-31, 32-63,
 ...): ``map50_95_sets`` lists them and ``map50_95_mean`` is their mean. A 128-image mAP moves by a few
 tenths of a point under perturbations far below a quantization step, so one calibration set
-cannot resolve a 0.3-point target; the mean over four can, to about a tenth.
+cannot resolve a 0.3-point target; the mean over four averages out the calibration draw (to about a
+tenth), not the sampling of the 128 images themselves, which the intervals below measure.
 ``vs_fp32_points`` / ``vs_fp32_interval``: the row's mAP50-95 minus FP32's in points, with its 95%
 paired bootstrap interval over the 128 images (``yoloq.map_difference``, 1000 resamples): how much
 of a difference this evaluation set can tell from none; ``vs_ort_*`` the same against ORT's INT8.
