@@ -91,6 +91,18 @@ def test_map_difference_is_paired_and_reproducible(noisy_yaml, tmp_path):
     assert "points (95% interval" in str(diff) and "200 paired resamples" in str(diff)
 
 
+def test_a_model_that_detects_nothing_compares_too(noisy_yaml, tmp_path):
+    class Silent(torch.nn.Module):
+        def forward(self, images):
+            return torch.zeros(len(images), 100, 8)
+
+    a = _score(noisy_yaml, tmp_path / "cache")
+    silent = evaluate(Silent(), noisy_yaml, imgsz=320, cache_dir=tmp_path / "cache")
+    assert silent.map50_95 == 0.0 and silent.matches.map50_95() == 0.0
+    diff = map_difference(a, silent, resamples=100)
+    assert diff.delta == pytest.approx(-100 * a.map50_95) and diff.high < 0
+
+
 def test_map_difference_refuses_unpaired_or_matchless_input(noisy_yaml, tmp_path):
     a = _score(noisy_yaml, tmp_path / "cache")
     fewer = make_dataset(tmp_path / "fewer", {k: IMAGES[k] for k in list(IMAGES)[:5]})

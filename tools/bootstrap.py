@@ -70,9 +70,15 @@ class MatchTable:
                                                   (hit & counted).astype(float), (~hit & counted).astype(float),
                                                   labels))
             else:
-                empty = np.zeros((thresholds, 0))
-                categories.append(CategoryMatches(np.zeros(0, np.int64), np.zeros(0), empty, empty, labels))
+                categories.append(cls.without_detections((), labels[None], thresholds).categories[0])
         return cls(image_ids, tuple(categories), thresholds)
+
+    @classmethod
+    def without_detections(cls, image_ids: tuple[int, ...], labels: np.ndarray, thresholds: int) -> "MatchTable":
+        """The table of a model that detected nothing; ``labels`` is (categories, images)."""
+        empty = np.zeros((thresholds, 0))
+        return cls(image_ids, tuple(CategoryMatches(np.zeros(0, np.int64), np.zeros(0), empty, empty, row)
+                                    for row in labels), thresholds)
 
     def map50_95(self, counts: np.ndarray | None = None) -> float:
         """mAP50-95 with image i counted ``counts[i]`` times (default: each once), as
@@ -152,5 +158,5 @@ def _table(metrics, name: str) -> MatchTable:
     table = metrics if isinstance(metrics, MatchTable) else getattr(metrics, "matches", None)
     if table is None:
         raise ValueError(f"{name} carries no per-image matches: pass the Metrics that "
-                         "yoloq.evaluate returned for a box model, or a MatchTable")
+                         "yoloq.evaluate returned, or a MatchTable")
     return table

@@ -35,7 +35,7 @@ class Metrics:
 
     The mask mAPs are those of a segmentation model on polygon labels, None otherwise.
     ``matches`` holds pycocotools' per-image box matches, which ``bootstrap.map_difference``
-    resamples (None when there were no detections).
+    resamples.
     """
 
     map50_95: float
@@ -216,7 +216,8 @@ class CocoEvaluator:
         with_masks = self._mask_results is not None and self.dataset.segments is not None
         if len(rows) == 0:
             mask = 0.0 if with_masks else None
-            return Metrics(0.0, 0.0, precision, recall, self._present_classes(None), mask, mask)
+            return Metrics(0.0, 0.0, precision, recall, self._present_classes(None), mask, mask,
+                           self._matches_without_detections())
         boxes = [{"image_id": int(r[0]), "bbox": r[1:5].tolist(), "score": float(r[5]),
                   "category_id": int(r[6])} for r in rows]
         stats, per_class_precision, matches = self._coco_eval(boxes, "bbox")
@@ -240,6 +241,15 @@ class CocoEvaluator:
             coco_eval.summarize()
         return ([float(v) for v in coco_eval.stats], coco_eval.eval["precision"][:, :, :, 0, -1],
                 MatchTable.from_cocoeval(coco_eval))
+
+    def _matches_without_detections(self) -> MatchTable:
+        """The match table pycocotools would give a model that detected nothing: labels only."""
+        ids = sorted(self.dataset.image_ids[r.image] for r in self.dataset.records)
+        column = {image_id: i for i, image_id in enumerate(ids)}
+        labels = np.zeros((len(self.dataset.names), len(ids)), dtype=np.int64)
+        for record in self.dataset.records:
+            np.add.at(labels, (record.labels[:, 0].astype(int), column[self.dataset.image_ids[record.image]]), 1)
+        return MatchTable.without_detections(tuple(ids), labels, len(IOU_THRESHOLDS))
 
     def _present_classes(self, precision: np.ndarray | None) -> dict[str, float]:
         present = np.unique(np.concatenate(self._target_cls)).astype(int)
