@@ -130,4 +130,5 @@ def test_cli_baseline_prints_the_difference(noisy_yaml, tmp_path, monkeypatch, c
     expected = map_difference(_score(noisy_yaml, tmp_path / "c", 0.5), _score(noisy_yaml, tmp_path / "c", 3.0),
                               resamples=100)
     assert f"vs baseline good: {expected}" in out
+    assert "masks vs baseline" not in out  # box models: no mask line
     assert isinstance(expected, MapDifference)

@@ -13,6 +13,7 @@ from torch import nn
 from test_data import make_dataset
 from yoloq.tools.coco_eval import (Metrics, ground_truth_dict, ground_truth_json,
                                    match_predictions, precision_recall)
+from yoloq.tools.bootstrap import map_difference
 from yoloq.tools.data import YoloDataset
 from yoloq.tools.evaluate import add_eval_arguments, evaluate, format_metrics, main_eval
 
@@ -251,6 +252,15 @@ def test_shifted_masks_lose_mask_map_only(polygon_yaml, tmp_path):
     metrics = evaluate(SegOracle(dataset, shift=12), polygon_yaml, imgsz=320, cache_dir=tmp_path)
     assert metrics.map50_95 == pytest.approx(1.0)
     assert 0.0 < metrics.mask_map50_95 < 0.9 and metrics.mask_map50 == pytest.approx(1.0)
+    # the bootstrap's mask tables re-derive pycocotools' segm mAP and see the loss in masks alone
+    assert metrics.mask_matches.map50_95() == pytest.approx(metrics.mask_map50_95, abs=1e-12)
+    exact = evaluate(SegOracle(YoloDataset(polygon_yaml, imgsz=320, segments=True)), polygon_yaml, imgsz=320,
+                     cache_dir=tmp_path)
+    assert map_difference(exact, metrics, resamples=50).delta == pytest.approx(0.0, abs=1e-9)
+    masks = map_difference(exact, metrics, resamples=50, masks=True)
+    assert masks.delta == pytest.approx(100 * (metrics.mask_map50_95 - 1.0)) and masks.high <= 0
+    with pytest.raises(ValueError, match="no mask matches"):
+        map_difference(exact, evaluate(Oracle(dataset), polygon_yaml, imgsz=320, cache_dir=tmp_path), masks=True)
 
 
 def test_masks_need_polygon_labels(yaml_file, tmp_path):

@@ -131,10 +131,11 @@ class MapDifference:
                 f"{self.resamples} paired resamples of the images)")
 
 
-def map_difference(a, b, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> MapDifference:
+def map_difference(a, b, resamples: int = 1000, seed: int = 0, level: float = 0.95, *,
+                   masks: bool = False) -> MapDifference:
     """Paired bootstrap of ``b``'s mAP50-95 minus ``a``'s, both ``Metrics`` (or ``MatchTable``)
-    of the same images; figures in points (×100)."""
-    table_a, table_b = _table(a, "a"), _table(b, "b")
+    of the same images; figures in points (×100). ``masks``: the mask mAP of segmentation models."""
+    table_a, table_b = _table(a, "a", masks), _table(b, "b", masks)
     if table_a.image_ids != table_b.image_ids:
         raise ValueError(f"the two evaluations scored different images ({len(table_a.image_ids)} vs "
                          f"{len(table_b.image_ids)}, or another set): pair evaluations of one dataset")
@@ -154,9 +155,10 @@ def map_difference(a, b, resamples: int = 1000, seed: int = 0, level: float = 0.
                          100 * float(high), level, resamples)
 
 
-def _table(metrics, name: str) -> MatchTable:
-    table = metrics if isinstance(metrics, MatchTable) else getattr(metrics, "matches", None)
+def _table(metrics, name: str, masks: bool) -> MatchTable:
+    table = metrics if isinstance(metrics, MatchTable) else getattr(metrics, "mask_matches" if masks else "matches",
+                                                                    None)
     if table is None:
-        raise ValueError(f"{name} carries no per-image matches: pass the Metrics that "
-                         "yoloq.evaluate returned, or a MatchTable")
+        what = "mask matches (a segmentation model scored on polygon labels)" if masks else "per-image matches"
+        raise ValueError(f"{name} carries no {what}: pass the Metrics that yoloq.evaluate returned, or a MatchTable")
     return table

@@ -34,8 +34,8 @@ class Metrics:
     """Detection accuracy; ``per_class`` maps each class present in the labels to its box AP50-95.
 
     The mask mAPs are those of a segmentation model on polygon labels, None otherwise.
-    ``matches`` holds pycocotools' per-image box matches, which ``bootstrap.map_difference``
-    resamples.
+    ``matches`` and ``mask_matches`` hold pycocotools' per-image box and mask matches, which
+    ``bootstrap.map_difference`` resamples.
     """
 
     map50_95: float
@@ -46,6 +46,7 @@ class Metrics:
     mask_map50_95: float | None = None
     mask_map50: float | None = None
     matches: MatchTable | None = field(default=None, compare=False, repr=False)
+    mask_matches: MatchTable | None = field(default=None, compare=False, repr=False)
 
 
 def default_cache_dir() -> Path:
@@ -216,17 +217,20 @@ class CocoEvaluator:
         with_masks = self._mask_results is not None and self.dataset.segments is not None
         if len(rows) == 0:
             mask = 0.0 if with_masks else None
+            nothing = self._matches_without_detections()
             return Metrics(0.0, 0.0, precision, recall, self._present_classes(None), mask, mask,
-                           self._matches_without_detections())
+                           nothing, nothing if with_masks else None)
         boxes = [{"image_id": int(r[0]), "bbox": r[1:5].tolist(), "score": float(r[5]),
                   "category_id": int(r[6])} for r in rows]
         stats, per_class_precision, matches = self._coco_eval(boxes, "bbox")
-        mask_map50_95 = mask_map50 = None
-        if with_masks:
-            mask_map50_95, mask_map50 = (self._coco_eval(self._mask_results, "segm")[0][:2]
-                                         if self._mask_results else (0.0, 0.0))
+        mask_map50_95 = mask_map50 = mask_matches = None
+        if with_masks and self._mask_results:
+            mask_stats, _, mask_matches = self._coco_eval(self._mask_results, "segm")
+            mask_map50_95, mask_map50 = mask_stats[:2]
+        elif with_masks:
+            mask_map50_95, mask_map50, mask_matches = 0.0, 0.0, self._matches_without_detections()
         return Metrics(stats[0], stats[1], precision, recall, self._present_classes(per_class_precision),
-                       mask_map50_95, mask_map50, matches)
+                       mask_map50_95, mask_map50, matches, mask_matches)
 
     def _coco_eval(self, results: list[dict], iou_type: str) -> tuple[list[float], np.ndarray, MatchTable]:
         """pycocotools' (mAP50-95, mAP50, ...), (T, R, K) precision at area all, 100 detections,

@@ -153,5 +153,8 @@ def main_eval(args: argparse.Namespace) -> int:
     metrics = run(args.model)
     print(format_metrics(metrics))
     if args.baseline is not None:
-        print(f"vs baseline {args.baseline}: {map_difference(run(args.baseline), metrics, args.resamples)}")
+        baseline = run(args.baseline)
+        print(f"vs baseline {args.baseline}: {map_difference(baseline, metrics, args.resamples)}")
+        if metrics.mask_matches is not None and baseline.mask_matches is not None:
+            print(f"masks vs baseline: {map_difference(baseline, metrics, args.resamples, masks=True)}")
     return 0
