@@ -137,6 +137,7 @@ def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
     return variants, x
 
 
+BASELINES = {"vs_fp32": "fp32", "vs_ort": "ort-static"}  # row key prefix -> the row every later one is compared with
 SETS_ROW = "yoloq-w8a8-u8pre"  # the row --calib-sets scores from several calibration sets
 
 
@@ -194,7 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="yoloq-ort-latency-") as tmp:
         variants, x = build(args, Path(tmp))
         ms = time_variants(variants, x, args.runs, args.warmup)
-        baselines = {}  # FP32's and ORT INT8's metrics, which later rows are compared with
+        baselines = {}  # the BASELINES rows' metrics, which later rows are compared with
         for v in variants:
             row = {"row": v.name, "median_ms": round(ms[v.name], 2),
                    "ratio_fp32": round(ms[v.name] / ms["fp32"], 3),
@@ -202,12 +203,13 @@ def main() -> None:
             if v.module is not None and not args.no_map:
                 metrics = score(args, v.module)
                 row.update(map50_95=round(metrics.map50_95, 4), map50=round(metrics.map50, 4))
-                baselines.setdefault(v.name, metrics)
-                for key, name in (("vs_fp32", "fp32"), ("vs_ort", "ort-static")):
-                    if name in baselines and name != v.name:
+                for key, name in BASELINES.items():
+                    if name in baselines:
                         diff = yoloq.map_difference(baselines[name], metrics)
                         row[f"{key}_points"] = round(diff.delta, 2)
                         row[f"{key}_interval"] = [round(diff.low, 2), round(diff.high, 2)]
+                if v.name in BASELINES.values():
+                    baselines[v.name] = metrics
                 if v.name == SETS_ROW and args.calib_sets > 1:
                     model = yoloq.models.load(args.weights).eval()
                     sets = [row["map50_95"]] + [map_from_calibration_set(args, model, k, Path(tmp))

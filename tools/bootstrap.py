@@ -32,6 +32,11 @@ class CategoryMatches:
     false_positive: np.ndarray  # (T, D) 1.0 where unmatched (matches to ignored labels: neither)
     labels: np.ndarray  # (I,) labels that count, per image
 
+    @classmethod
+    def without_detections(cls, labels: np.ndarray, thresholds: int) -> "CategoryMatches":
+        empty = np.zeros((thresholds, 0))
+        return cls(np.zeros(0, np.int64), np.zeros(0), empty, empty, labels)
+
 
 @dataclass(frozen=True)
 class MatchTable:
@@ -70,15 +75,13 @@ class MatchTable:
                                                   (hit & counted).astype(float), (~hit & counted).astype(float),
                                                   labels))
             else:
-                categories.append(cls.without_detections((), labels[None], thresholds).categories[0])
+                categories.append(CategoryMatches.without_detections(labels, thresholds))
         return cls(image_ids, tuple(categories), thresholds)
 
     @classmethod
     def without_detections(cls, image_ids: tuple[int, ...], labels: np.ndarray, thresholds: int) -> "MatchTable":
         """The table of a model that detected nothing; ``labels`` is (categories, images)."""
-        empty = np.zeros((thresholds, 0))
-        return cls(image_ids, tuple(CategoryMatches(np.zeros(0, np.int64), np.zeros(0), empty, empty, row)
-                                    for row in labels), thresholds)
+        return cls(image_ids, tuple(CategoryMatches.without_detections(row, thresholds) for row in labels), thresholds)
 
     def map50_95(self, counts: np.ndarray | None = None) -> float:
         """mAP50-95 with image i counted ``counts[i]`` times (default: each once), as

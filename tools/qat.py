@@ -233,7 +233,9 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     if device is not None:
         model.to(_process_device(device, world))
     network = network_of(model)
-    criterion = loss if loss is not None else _default_loss(model, config.imgsz)
+    device = next(network.parameters()).device  # batches follow the model (model.to("cuda") trains on the GPU)
+    # the head's own loss holds its strides and anchors as buffers: on the model's device too
+    criterion = loss if loss is not None else _default_loss(model, config.imgsz).to(device)
     polygons = labels_are_polygons(data, "train")
     needs_masks = _needs_masks(model)
     if needs_masks and not polygons and loss is None:
@@ -273,9 +275,6 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     bar = tqdm(total=total, initial=step, desc="qat", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     start_time = time.perf_counter()
-    device = next(network.parameters()).device  # batches follow the model (model.to("cuda") trains on the GPU)
-    if loss is None:
-        criterion.to(device)  # the head's loss holds its strides and anchors as buffers
     network.train()
     if config.freeze_bn:
         for m in network.modules():
