@@ -84,8 +84,14 @@ def test_rounding_is_half_to_even():
     assert codes.tolist() == [0, 2, 2, 0, -2]
 
 
+# Grids of 2^16 levels train through their clamp alone (U.FINE_GRID_LEVELS; its own test below), so
+# within half a step beyond an end their gradient is 0 where the rounding STE's is 1: this
+# property is the rounding STE's, on the grids that use it.
+coarse_grids = st.builds(QuantSpec, bits=st.integers(2, 15), signed=st.booleans(), symmetric=st.booleans())
+
+
 @PROPERTY
-@given(values, grids)
+@given(values, coarse_grids)
 def test_ste_gradient_is_one_inside_and_zero_where_clamped(vals, spec):
     x = torch.tensor(vals)
     scale, zero_point = U.uniform_qparams(x.min() / 2, x.max() / 2, spec.qmin, spec.qmax, spec.symmetric)
