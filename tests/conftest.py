@@ -31,6 +31,25 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def random_batches(size: int = 64, n: int = 2, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` reproducible batches of uniform random ``batch x 3 x size x size`` images in [0, 1]:
+    calibration and check inputs for models whose accuracy the test does not measure."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(batch, 3, size, size, generator=gen) for _ in range(n)]
+
+
+# The loss tests' case: a 64 × 64 image's three detection levels (stride, grid, anchors in pixels)
+# and three targets (image, class, x, y, w, h normalised).
+STRIDES = torch.tensor([8.0, 16.0, 32.0])
+GRIDS = ((8, 8), (4, 4), (2, 2))  # a 64 × 64 image
+ANCHORS_PX = torch.tensor([[[4, 5], [8, 10], [12, 8]],
+                           [[16, 12], [20, 24], [32, 20]],
+                           [[40, 32], [48, 56], [64, 48]]], dtype=torch.float32)
+TARGETS = torch.tensor([[0, 1, 0.30, 0.40, 0.25, 0.35],
+                        [0, 0, 0.70, 0.65, 0.50, 0.40],
+                        [1, 2, 0.55, 0.45, 0.15, 0.20]])
+
+
 def official_stand_ins(monkeypatch, official: dict[str, str]) -> dict[str, type]:
     """Empty classes at the official repositories' paths (``models.common.Conv`` ...), in stand-in
     ``models`` packages that monkeypatch removes after the test; keyed like ``official``."""

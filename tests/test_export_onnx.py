@@ -25,18 +25,16 @@ from yoloq.passes.check_onnx import OnnxModel, check_onnx, fused_convs, onnx_ses
 from yoloq.passes.export_onnx import ExportError, export_onnx
 from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import load_recipe
+from conftest import random_batches
 
 IMGSZ = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n: int = 2) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.rand(2, 3, IMGSZ, IMGSZ, generator=gen) for _ in range(n)]
+    return random_batches(IMGSZ, n)
 
 
 def _quantized(recipe="w8a8"):

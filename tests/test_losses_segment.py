@@ -15,16 +15,9 @@ from torch import nn
 
 from yoloq.tools.losses import (AnchorLoss, AnchorSegLoss, TalLoss, TalSegLoss, polygons_to_masks,
                                 rasterize_polygon)
+from conftest import ANCHORS_PX, GRIDS, STRIDES, TARGETS
 
-STRIDES = torch.tensor([8.0, 16.0, 32.0])
-GRIDS = ((8, 8), (4, 4), (2, 2))  # a 64 × 64 image; prototypes 16 × 16
-ANCHORS_PX = torch.tensor([[[4, 5], [8, 10], [12, 8]],
-                           [[16, 12], [20, 24], [32, 20]],
-                           [[40, 32], [48, 56], [64, 48]]], dtype=torch.float32)
-TARGETS = torch.tensor([[0, 1, 0.30, 0.40, 0.25, 0.35],
-                        [0, 0, 0.70, 0.65, 0.50, 0.40],
-                        [1, 2, 0.55, 0.45, 0.15, 0.20]])
-NM = 4
+NM = 4  # prototype masks, so mask coefficients per anchor; prototypes are 16 × 16 for the 64 × 64 image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,16 +14,10 @@ from yoloq.passes.integer_ops import Grid, LoweringError
 from yoloq.passes.lower_to_integer import lower
 from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import Recipe
+from conftest import random_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-def _calib(size: int = 64, n: int = 2) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.rand(2, 3, size, size, generator=gen) for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Attention(nn.Module):
@@ -76,9 +70,9 @@ def _types(lowered) -> list[str]:
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a4"])
 def test_attention_lowers_bit_exact(recipe):
-    qm = yoloq.quantize(Attention().eval(), recipe, calib=_calib())
+    qm = yoloq.quantize(Attention().eval(), recipe, calib=random_batches())
     lowered = lower(qm)
-    x = _calib()[1]
+    x = random_batches()[1]
     check = check_integer(lowered, qm, x)
     assert check.differing == 0, check.verdict
     assert not check.unmatched
@@ -101,12 +95,12 @@ def test_sixteen_bit_attention_takes_an_int64_matmul():
     """16-bit operands: K·A·B passes 2^31 (|q − z| up to 2^16 each), so both matmuls accumulate in int64."""
     recipe = Recipe(name="w16a16", weight=QuantSpec(bits=16, granularity="per_channel"),
                     activation=QuantSpec(bits=16, signed=False, symmetric=False))
-    qm = yoloq.quantize(Attention().eval(), recipe, calib=_calib(32))
+    qm = yoloq.quantize(Attention().eval(), recipe, calib=random_batches(32))
     lowered = lower(qm)
     assert {"matmul", "matmul_1"} <= set(lowered.stats["int64_layers"])
     matmuls = [m for m in lowered.graph_module.modules() if isinstance(m, IntMatmul)]
     assert [m.accumulator for m in matmuls] == [torch.int64, torch.int64]
-    check = check_integer(lowered, qm, _calib(32)[0])
+    check = check_integer(lowered, qm, random_batches(32)[0])
     assert check.differing == 0, check.verdict
 
 
@@ -148,13 +142,13 @@ def test_integer_matmul_is_exact_and_refuses_a_longer_inner_dimension():
 
 # ----------------------------------------------------------------------------- refused
 def test_softmax_over_another_dim_is_refused():
-    qm = yoloq.quantize(Attention(softmax_dim=-2).eval(), "w8a8", calib=_calib())
+    qm = yoloq.quantize(Attention(softmax_dim=-2).eval(), "w8a8", calib=random_batches())
     with pytest.raises(LoweringError, match=r"node softmax: softmax over dim -2 .*last dim.*recipe"):
         lower(qm)
 
 
 def test_matmul_with_a_float_constant_is_refused():
-    qm = yoloq.quantize(Attention(weight=True).eval(), "w8a8", calib=_calib())
+    qm = yoloq.quantize(Attention(weight=True).eval(), "w8a8", calib=random_batches())
     with pytest.raises(LoweringError, match=r"node matmul_2: .*operand weight.*not a quantized tensor.*Conv2d/Linear"):
         lower(qm)
 
@@ -164,10 +158,10 @@ def test_yolo11n_c2psa_lowers_bit_exact():
     pytest.importorskip("ultralytics")
     from yoloq.sources import load_model
 
-    qm = yoloq.quantize(load_model("yolo11n.yaml").eval(), "w8a8", calib=_calib())
+    qm = yoloq.quantize(load_model("yolo11n.yaml").eval(), "w8a8", calib=random_batches())
     lowered = lower(qm)
     assert lowered.stats["matmul"] == 2 and lowered.stats["softmax"] == 1
-    x = _calib()[1][:1]
+    x = random_batches()[1][:1]
     check = check_integer(lowered, qm, x)
     assert check.differing == 0, check.verdict
     assert float_ops(lowered, x) == []  # the anchor grids are shape constants, not image values

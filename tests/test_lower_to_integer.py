@@ -18,20 +18,14 @@ from yoloq.passes.integer_ops import IntConv2d, LoweringError, dyadic, round_shi
 from yoloq.passes.lower_to_integer import BOUNDARY, lower
 from yoloq.quantizers.spec import QuantSpec
 from yoloq.recipe import Recipe, load_recipe
+from conftest import random_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-def _calib(size: int = 64, n: int = 2) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.rand(2, 3, size, size, generator=gen) for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized(recipe="w8a8", model=None, size: int = 64):
-    return yoloq.quantize(model if model is not None else tiny_yolo(), recipe, calib=_calib(size))
+    return yoloq.quantize(model if model is not None else tiny_yolo(), recipe, calib=random_batches(size))
 
 
 class Residual(nn.Module):
@@ -76,7 +70,7 @@ def test_dyadic_multiplier_has_31_bits_and_is_accurate():
 def test_tiny_yolo_is_bit_exact(recipe):
     qm = _quantized(recipe)
     lowered = lower(qm)
-    x = _calib()[1]
+    x = random_batches()[1]
     check = check_integer(lowered, qm, x)
     assert check.differing == 0, check.verdict
     assert check.verdict.startswith("bit-exact") and not check.unmatched
@@ -100,7 +94,7 @@ def test_tiny_yolo_is_bit_exact(recipe):
 def test_add_sub_and_standalone_activation_are_bit_exact():
     qm = _quantized("w8a8", Residual().eval(), size=32)
     lowered = lower(qm)
-    check = check_integer(lowered, qm, _calib(32))
+    check = check_integer(lowered, qm, random_batches(32))
     assert check.differing == 0, check.verdict
     types = _module_types(lowered)
     assert types.count("IntSum") == 2 and types.count("Lut") == 4  # 3 fused activations + the sigmoid
@@ -110,12 +104,12 @@ def test_add_sub_and_standalone_activation_are_bit_exact():
 def test_other_graph_forms_are_bit_exact(change):
     recipe = load_recipe("w8a8")
     if change == "qat_kept_bn":  # BatchNorm stays after the quantized conv: folded into M and the bias
-        qm = yoloq.prepare_qat(tiny_yolo(), "w4a4", calib=_calib()).eval()
+        qm = yoloq.prepare_qat(tiny_yolo(), "w4a4", calib=random_batches()).eval()
     else:
         field = {"requantize_concat": {"concat_policy": "requantize"}, "bias_correction": {"bias_correction": True}}
         qm = _quantized(dataclasses.replace(recipe, **field[change]))
     lowered = lower(qm)
-    check = check_integer(lowered, qm, _calib()[0])
+    check = check_integer(lowered, qm, random_batches()[0])
     assert check.differing == 0, check.verdict
     if change == "requantize_concat":
         assert "IntRequantize" in _module_types(lowered)
@@ -130,7 +124,7 @@ def test_int64_accumulator_when_the_int32_bound_fails():
     assert lowered.stats["int64_layers"] and lowered.stats["max_accumulator_bound"] >= 2**31
     convs = [m for m in lowered.graph_module.modules() if isinstance(m, IntConv2d)]
     assert {m.weight.dtype for m in convs} == {torch.int32, torch.int64}
-    assert check_integer(lowered, qm, _calib(32)[0]).differing == 0
+    assert check_integer(lowered, qm, random_batches(32)[0]).differing == 0
 
 
 def test_huge_bias_takes_int64_and_a_shorter_multiplier():
@@ -143,7 +137,7 @@ def test_huge_bias_takes_int64_and_a_shorter_multiplier():
         layer.bias[1] = -1e6
     lowered = lower(qm)
     assert lowered.stats["int64_layers"] == ["head.cls.0.1"] and lowered.stats["min_multiplier_bits"] < 31
-    x = _calib()[0]
+    x = random_batches()[0]
     check = check_integer(lowered, qm, x)
     assert check.differing == 0, check.verdict
     with torch.no_grad():
@@ -157,7 +151,7 @@ def test_check_reports_a_broken_integer_graph():
     lowered = lower(qm)
     lut = lowered.graph_module.get_submodule("block_cv1_conv_act")
     lut.table = torch.roll(lut.table, 1)  # every code one table entry off
-    check = check_integer(lowered, qm, _calib()[0])
+    check = check_integer(lowered, qm, random_batches()[0])
     assert check.differing > 0 and check.verdict.startswith("NOT bit-exact")
     bad = [r for r in check.rows if r.differing]
     assert bad[0].tensor == "activation_quantizers_g4" and bad[0].max_steps >= 1
@@ -182,7 +176,7 @@ class _Dtypes(fx.Interpreter):
 def test_no_float_op_between_input_quantizer_and_head():
     qm = _quantized("w4a4")
     lowered = lower(qm)
-    x = _calib()[0]
+    x = random_batches()[0]
     interpreter = _Dtypes(lowered.graph_module)
     with torch.no_grad():
         interpreter.run(x)
@@ -199,7 +193,7 @@ def test_float_op_finder_sees_a_float_table():
     lowered = lower(qm)
     lut = lowered.graph_module.get_submodule("stem_0_conv_act")
     lut.table = lut.table.float()
-    assert any(f.startswith("stem_0_conv_act: aten.take") for f in float_ops(lowered, _calib()[0]))
+    assert any(f.startswith("stem_0_conv_act: aten.take") for f in float_ops(lowered, random_batches()[0]))
 
 
 # ----------------------------------------------------------------------------- structure, errors
@@ -212,7 +206,7 @@ def test_lowered_structure_and_input_left_alone():
     assert types.count("IntConv2d") == 18 and types.count("Lut") == 14
     assert types.count("UpsampleNearestCodes") == 1 and types.count("MaxPool2d") == 3
     assert lowered.stats["int64_layers"] == [] and lowered.stats["max_accumulator_bound"] < 2**31
-    x = _calib()[0]
+    x = random_batches()[0]
     with torch.no_grad():  # lowering again gives the same graph
         again = lower(qm)
         for a, b in zip(lowered.graph_module(x), again.graph_module(x)):
@@ -270,7 +264,7 @@ def test_weights_are_stored_packed():
     assert "weight" not in state and conv.bits == 4
     assert state["packed_weight"].dtype == torch.uint8
     assert state["packed_weight"].numel() == -(-conv.weight.numel() * 4 // 8)
-    x = _calib()[0]
+    x = random_batches()[0]
     with torch.no_grad():
         expected = lowered.graph_module(x)
         for m in lowered.graph_module.modules():
@@ -288,8 +282,8 @@ def test_runs_as_a_pass_in_the_pipeline_runner():
     qm = _quantized("w8a8")
     gm, records = run_pipeline(qm.graph_module, (lower_to_integer,))
     assert records[0].name == "lower_to_integer" and records[0].stats["conv"] == 18
-    assert gm is not qm.graph_module and float_ops(yoloq.LoweredModel(gm, qm.decoder, {}), _calib()[0]) == []
-    fresh = yoloq.quantize(tiny_yolo(), "w8a8", calib=_calib()).graph_module
+    assert gm is not qm.graph_module and float_ops(yoloq.LoweredModel(gm, qm.decoder, {}), random_batches()[0]) == []
+    fresh = yoloq.quantize(tiny_yolo(), "w8a8", calib=random_batches()).graph_module
     fresh.get_submodule("activation_quantizers.g0").scale = torch.empty(0)
     with pytest.raises(PassError, match="uncalibrated"):
         run_pipeline(fresh, (lower_to_integer,))
@@ -309,7 +303,7 @@ def test_yolov8n_anchor_grid_stays_float_and_lowers_bit_exact():
     assert anchors and all(n.meta[QUANT].kind == "none" for n in anchors)
     assert not any(u.meta.get(QUANTIZES) for n in anchors for u in n.users)
     lowered = lower(qm)
-    x = _calib()[1]
+    x = random_batches()[1]
     check = check_integer(lowered, qm, x)
     assert check.differing == 0, check.verdict
     with torch.no_grad():
