@@ -23,11 +23,12 @@ row's and by ORT's own INT8 row's, all timed in the same rounds):
                     what 4 bits buy (file size) and cost (ORT has no INT4 QLinearConv)
 ``vs_integer_graph_*``: ORT's head outputs against the integer graph's on one image (max and mean
 |difference|, share of differing values). With ``--calib-sets N`` the two W8A8 rows (the preset's
-exact export and the fast one) are also quantized, exported and scored from N disjoint 32-image calibration sets (train images 0-31, 32-63,
-...): ``map50_95_sets`` lists them and ``map50_95_mean`` is their mean. A 128-image mAP moves by a few
-tenths of a point under perturbations far below a quantization step, so one calibration set
-cannot resolve a 0.3-point target; the mean over four averages out the calibration draw (to about a
-tenth), not the sampling of the 128 images themselves, which the intervals below measure.
+exact export and the fast one) are also quantized, exported and scored from N disjoint 32-image
+calibration sets (train images 0-31, 32-63, ...): ``map50_95_sets`` lists them and
+``map50_95_mean`` is their mean. A 128-image mAP moves by a few tenths of a point under
+perturbations far below a quantization step, so one calibration set cannot resolve a 0.3-point
+target; the mean over four averages out the calibration draw (to about a tenth), not the sampling
+of the 128 images themselves, which the intervals below measure.
 ``vs_fp32_points`` / ``vs_fp32_interval``: the row's mAP50-95 minus FP32's in points, with its 95%
 paired bootstrap interval over the 128 images (``yoloq.map_difference``, 1000 resamples): how much
 of a difference this evaluation set can tell from none; ``vs_ort_*`` the same against ORT's INT8.
@@ -94,9 +95,15 @@ def _onnx_variant(name: str, path: Path, module: torch.nn.Module, **extra) -> Va
                                           "file_kb": round(path.stat().st_size / 1e3), **extra})
 
 
-def build(args, workdir: Path) -> tuple[list[Variant], torch.Tensor]:
-    model = yoloq.models.load(args.weights).eval()
-    calib = calibration_batches(args.data, num_images=args.calib, imgsz=args.imgsz, batch=8)
+def calibration_sets(args) -> list[list[torch.Tensor]]:
+    """``--calib-sets`` disjoint sets of ``--calib`` train images each (images 0-31, 32-63, ...), as
+    batches of 8, from one read of the images."""
+    images = torch.cat(calibration_batches(args.data, num_images=args.calib * args.calib_sets,
+                                           imgsz=args.imgsz, batch=8))
+    return [list(chunk.split(8)) for chunk in images.split(args.calib)]
+
+
+def build(args, model: torch.nn.Module, calib: list[torch.Tensor], workdir: Path) -> tuple[list[Variant], torch.Tensor]:
     x = calib[0][:1].contiguous()
     variants = []
 
@@ -142,12 +149,11 @@ FAST_ROW = "yoloq-w8a8-u8pre"  # the fast W8A8 export, also timed at a fixed siz
 SETS_ROWS = ("yoloq-w8a8", FAST_ROW)  # the rows --calib-sets scores from several calibration sets
 
 
-def map_from_calibration_set(args, model: torch.nn.Module, row: str, k: int, workdir: Path) -> float:
-    """mAP50-95 of export ``row`` (one of ``SETS_ROWS``) of ``model`` quantized from the k-th
-    disjoint calibration set."""
+def map_from_calibration_set(args, model: torch.nn.Module, row: str, calib: list[torch.Tensor], k: int,
+                             workdir: Path) -> float:
+    """mAP50-95 of export ``row`` (one of ``SETS_ROWS``) of ``model`` quantized from ``calib``, the
+    k-th calibration set."""
     recipe, mode = _exports()[row]
-    batches = calibration_batches(args.data, num_images=args.calib * (k + 1), imgsz=args.imgsz, batch=8)
-    calib = batches[len(batches) * k // (k + 1):]
     qm = yoloq.quantize(model, recipe, calib=calib)
     path = workdir / f"{row}-set{k}.onnx"
     yoloq.export_onnx(qm, path, imgsz=args.imgsz, pre_activation=mode, dynamic_size=True)
@@ -193,9 +199,13 @@ def main() -> None:
     parser.add_argument("--percentile", action="store_true",
                         help="also ORT's Percentile calibration (slow: ~10 GB, minutes)")
     args = parser.parse_args()
+    if args.calib < 1 or args.calib_sets < 1:
+        parser.error(f"--calib and --calib-sets must be >= 1, got {args.calib} and {args.calib_sets}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="yoloq-ort-latency-") as tmp:
-        variants, x = build(args, Path(tmp))
+        model = yoloq.models.load(args.weights).eval()
+        sets = calibration_sets(args)
+        variants, x = build(args, model, sets[0], Path(tmp))
         ms = time_variants(variants, x, args.runs, args.warmup)
         baselines = {}  # the BASELINES rows' metrics, which later rows are compared with
         for v in variants:
@@ -213,10 +223,9 @@ def main() -> None:
                 if v.name in BASELINES.values():
                     baselines[v.name] = metrics
                 if v.name in SETS_ROWS and args.calib_sets > 1:
-                    model = yoloq.models.load(args.weights).eval()
-                    sets = [row["map50_95"]] + [map_from_calibration_set(args, model, v.name, k, Path(tmp))
-                                                for k in range(1, args.calib_sets)]
-                    row.update(map50_95_sets=sets, map50_95_mean=round(statistics.mean(sets), 4))
+                    scores = [row["map50_95"]] + [map_from_calibration_set(args, model, v.name, sets[k], k, Path(tmp))
+                                                  for k in range(1, args.calib_sets)]
+                    row.update(map50_95_sets=scores, map50_95_mean=round(statistics.mean(scores), 4))
             print(json.dumps(row), flush=True)
 
 

@@ -233,9 +233,9 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
     if device is not None:
         model.to(_process_device(device, world))
     network = network_of(model)
-    device = next(network.parameters()).device  # batches follow the model (model.to("cuda") trains on the GPU)
+    where = next(network.parameters()).device  # batches follow the model (model.to("cuda") trains on the GPU)
     # the head's own loss holds its strides and anchors as buffers: on the model's device too
-    criterion = loss if loss is not None else _default_loss(model, config.imgsz).to(device)
+    criterion = loss if loss is not None else _default_loss(model, config.imgsz).to(where)
     polygons = labels_are_polygons(data, "train")
     needs_masks = _needs_masks(model)
     if needs_masks and not polygons and loss is None:
@@ -288,7 +288,7 @@ def train_qat(model: nn.Module | None, data: str | os.PathLike, config: QATConfi
                 if step >= total:
                     break
                 masks = _masks(criterion, segments, targets, images) if needs_masks else None
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                images, targets = images.to(where, non_blocking=True), targets.to(where, non_blocking=True)
                 outputs = trainable(images)
                 total_loss, parts = criterion(outputs, targets, masks) if masks is not None \
                     else criterion(outputs, targets)

@@ -29,9 +29,9 @@ from yoloq.tools.qat import QATConfig, train_qat  # noqa: E402
 from yoloq.tools.qat_hook import QATHook, TrainingDiverged  # noqa: E402
 from yoloq.passes.correct import correct  # noqa: E402
 
-__all__ += ["Metrics", "evaluate", "MapDifference", "map_difference", "models", "QuantizedModel", "quantize", "Override", "Recipe", "RecipeError",
-            "load_recipe", "QuantSpec", "load_quantized", "save", "prepare_qat", "QATConfig", "train_qat",
-            "QATHook", "TrainingDiverged", "correct"]
+__all__ += ["Metrics", "evaluate", "MapDifference", "map_difference", "models", "QuantizedModel", "quantize",
+            "Override", "Recipe", "RecipeError", "load_recipe", "QuantSpec", "load_quantized", "save",
+            "prepare_qat", "QATConfig", "train_qat", "QATHook", "TrainingDiverged", "correct"]
 
 from yoloq.passes.integer_ops import LoweringError  # noqa: E402
 from yoloq.passes.lower_to_integer import LoweredModel, lower  # noqa: E402
